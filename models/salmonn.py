@@ -1,0 +1,486 @@
+"""SALMONN: Whisper + BEATs encoders -> window-level Q-Former -> projection -> LLaMA with LoRA.
+
+One file, config in, tensors out. Module names follow the original implementation (bytedance/SALMONN) so that
+the released `salmonn_v1.pth` / `salmonn_7b_v0.pth` and checkpoints written by the original training code load
+unchanged; the only renamed part is the Q-Former, which is transformers' BLIP-2 Q-Former (the same BERT-style
+block: query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_RENAMES`.
+
+Deliberate differences from the original (each would otherwise change a clip's output silently):
+- BEATs features of zero-padding are masked, so a clip's output does not depend on what it is batched with.
+- No random `[PAD]` embedding row: sequences are padded with an existing id under the attention mask, and
+  padding sits at the end (training) or the start (generation), never in the middle of a sequence.
+- Several `<SpeechHere>` slots per prompt (one per dialogue turn); a turn longer than 30 s fills its slot with
+  the tokens of several clips instead of being cut.
+- Targets longer than `max_txt_len` are cut with a warning and keep their end symbol.
+- Checkpoints load strictly: a missing trained tensor or a shape mismatch is an error naming the key.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperModel,
+)
+
+from models.beats import BEATs
+from models.tokenizer import SalmonnTokenizer
+from prompting import SPEECH_SLOT, choose_prompt, load_prompts
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (our parameter-name prefix, the original's) for the Q-Former; every other name is the same in both.
+_QFORMER_RENAMES = [
+    (re.compile(r"^speech_Qformer\.layernorm\."), "speech_Qformer.bert.embeddings.LayerNorm."),
+    (re.compile(r"^speech_Qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\."),
+     r"speech_Qformer.bert.encoder.layer.\1.\2.self."),
+    (re.compile(r"^speech_Qformer\.encoder\."), "speech_Qformer.bert.encoder."),
+]
+# Tensors the original's checkpoints carry but that are not trained state: recomputed or shared, never loaded.
+_LEFTOVER_KEYS = [
+    re.compile(r"^speech_Qformer\.bert\.embeddings\.position_ids$"),
+    re.compile(r"\.rotary_emb\.inv_freq$"),  # fp16-rounded in the released files: RoPE is recomputed in fp32
+    re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),  # alias of layer 0's
+]
+
+DEFAULTS: dict[str, Any] = dict(
+    llama_path="", whisper_path="", beats_path="", random_init=False, ckpt="",
+    freeze_whisper=True, freeze_beats=True, use_speech_Qformer=True, num_speech_query_token=1,
+    freeze_speech_QFormer=False, window_level_Qformer=True, second_per_window=0.333333, second_stride=0.333333,
+    qformer_hidden_size=768, qformer_num_layers=2, qformer_num_heads=12, qformer_intermediate_size=3072,
+    speech_llama_proj_model="", freeze_speech_llama_proj=False,
+    lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
+    lora_scaling=None, multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
+    max_txt_len=128, end_sym="</s>", low_resource=False, torch_dtype="float32",
+)
+
+
+def to_original_name(name: str) -> str:
+    for pattern, repl in _QFORMER_RENAMES:
+        new = pattern.sub(repl, name, count=1)
+        if new != name:
+            return new
+    return name
+
+
+def from_original_name(name: str) -> str:
+    if name.startswith("speech_Qformer.bert.embeddings.LayerNorm."):
+        return name.replace("speech_Qformer.bert.embeddings.LayerNorm.", "speech_Qformer.layernorm.", 1)
+    name = re.sub(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+                  r"speech_Qformer.bert.encoder.layer.\1.\2.attention.", name)
+    return name.replace("speech_Qformer.bert.encoder.", "speech_Qformer.encoder.", 1)
+
+
+def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
+    """A local model folder, or an error that says what to download where."""
+    p = Path(path)
+    missing = [f for f in files if not (p / f).exists()]
+    if not path or not p.is_dir() or missing:
+        raise FileNotFoundError(
+            f"{what}: expected a local folder at '{path}' containing {', '.join(files)}"
+            + (f" (missing: {', '.join(missing)})" if p.is_dir() else "")
+            + f". Download {what} to '{path}' (or point the config at where it is)."
+        )
+    return p
+
+
+def _check_loading_info(info: dict, what: str, path: str, ignore: tuple[str, ...] = ()) -> None:
+    missing = [k for k in info.get("missing_keys", []) if not any(s in k for s in ignore)]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise RuntimeError(f"{what} at '{path}' does not match its config: missing weights {missing[:10]}, "
+                           f"shape mismatches {mismatched[:10]}")
+
+
+class SALMONN(nn.Module):
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        cfg = {**DEFAULTS, **dict(cfg)}
+        self.cfg = cfg
+        if cfg["low_resource"]:
+            raise ValueError("model.low_resource (8-bit LLaMA via bitsandbytes) is not supported; "
+                             "set model.torch_dtype: bfloat16 (or float16) to halve memory instead")
+        if not cfg["use_speech_Qformer"]:
+            raise ValueError("model.use_speech_Qformer: false is not supported (the original raises too)")
+        if cfg["torch_dtype"] not in DTYPES:
+            raise ValueError(f"model.torch_dtype must be one of {list(DTYPES)}, got '{cfg['torch_dtype']}'")
+        dtype = DTYPES[cfg["torch_dtype"]]
+
+        whisper_dir = _require_dir(cfg["whisper_path"], "whisper-large-v2 (Hugging Face format)",
+                                   ("config.json", "preprocessor_config.json"))
+        self.speech_encoder = self._load_whisper_encoder(whisper_dir, cfg["random_init"], dtype)
+        d_whisper = self.speech_encoder.config.d_model
+        self.ln_speech = nn.LayerNorm(d_whisper)
+        self.whisper_hop_seconds = self._read_hop_seconds(whisper_dir)
+
+        self.beats = self._load_beats(cfg["beats_path"], cfg["random_init"]) if cfg["beats_path"] else None
+        d_beats = self.beats.cfg.encoder_embed_dim if self.beats is not None else 0
+        if self.beats is not None:
+            self.ln_audio = nn.LayerNorm(d_beats)
+
+        qcfg = Blip2QFormerConfig(
+            hidden_size=cfg["qformer_hidden_size"], num_hidden_layers=cfg["qformer_num_layers"],
+            num_attention_heads=cfg["qformer_num_heads"], intermediate_size=cfg["qformer_intermediate_size"],
+            encoder_hidden_size=d_whisper + d_beats, cross_attention_frequency=1, use_qformer_text_input=False,
+            layer_norm_eps=1e-12,
+        )
+        self.speech_Qformer = Blip2QFormerModel(qcfg)
+        self.speech_query_tokens = nn.Parameter(
+            torch.randn(1, cfg["num_speech_query_token"], qcfg.hidden_size) * qcfg.initializer_range)
+
+        llama_dir = _require_dir(cfg["llama_path"], "vicuna-13b-v1.1 / vicuna-7b (Hugging Face LLaMA format)",
+                                 ("config.json", "tokenizer.model"))
+        self.tokenizer = SalmonnTokenizer(llama_dir / "tokenizer.model")
+        self.llama_model = self._load_llama(llama_dir, cfg, dtype)
+        self.speech_llama_proj = nn.Linear(qcfg.hidden_size, self.llama_model.config.hidden_size)
+        if cfg["speech_llama_proj_model"]:
+            self._load_projection(cfg["speech_llama_proj_model"])
+
+        self._set_trainable(cfg)
+        self.prompt_dict = (load_prompts(cfg["prompt_path"], cfg["prompt_template"])
+                            if cfg["prompt_path"] else {})
+        self.prompt_rng = random.Random(0)
+        self.targets_cut = 0  # targets cut at max_txt_len, counted for the log
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SALMONN":
+        """Builds the model from the YAML `model:` section and loads `ckpt` if given."""
+        cfg = dict(cfg)
+        model = cls(cfg)
+        if cfg.get("ckpt"):
+            model.load_checkpoint(cfg["ckpt"])
+        if cfg.get("lora_scaling") is not None:
+            model.set_lora_scaling(cfg["lora_scaling"])
+        return model
+
+    @staticmethod
+    def _load_whisper_encoder(path: Path, random_init: bool, dtype: torch.dtype) -> nn.Module:
+        if random_init:
+            config = WhisperConfig.from_pretrained(path, local_files_only=True)
+            return WhisperModel(config).encoder.to(dtype)
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise FileNotFoundError(f"no weights in '{path}': download openai/whisper-large-v2 "
+                                    "(model.safetensors or pytorch_model.bin) there")
+        model, info = WhisperModel.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                   output_loading_info=True)
+        _check_loading_info(info, "Whisper", str(path), ignore=("decoder.",))
+        return model.encoder
+
+    @staticmethod
+    def _read_hop_seconds(path: Path) -> float:
+        fe = json.loads((path / "preprocessor_config.json").read_text())
+        return fe["hop_length"] / fe["sampling_rate"]
+
+    @staticmethod
+    def _load_beats(path: str, random_init: bool) -> BEATs:
+        p = Path(path)
+        if p.suffix == ".json":
+            if not random_init:
+                raise ValueError(f"model.beats_path '{path}' is a config only; set model.random_init: true "
+                                 "or point beats_path at BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
+            return BEATs(json.loads(p.read_text()))
+        if not p.is_file():
+            raise FileNotFoundError(f"BEATs checkpoint not found at '{path}': download "
+                                    "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt there")
+        return BEATs.from_checkpoint(p)
+
+    @staticmethod
+    def _load_llama(path: Path, cfg: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+        if cfg["random_init"]:
+            llama = LlamaForCausalLM(LlamaConfig.from_pretrained(path, local_files_only=True)).to(dtype)
+        else:
+            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+                raise FileNotFoundError(f"no weights in '{path}': download the Vicuna/LLaMA weights there")
+            llama, info = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                           output_loading_info=True)
+            _check_loading_info(info, "LLaMA", str(path))
+        for p in llama.parameters():
+            p.requires_grad = False
+        if cfg["lora"]:
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=cfg["lora_rank"],
+                                  lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                                  target_modules=list(cfg["lora_target_modules"]))
+            llama = get_peft_model(llama, lora_cfg)
+        return llama
+
+    def _load_projection(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        proj = {k.removeprefix("speech_llama_proj."): v for k, v in state.items() if k.startswith("speech_llama_proj.")}
+        if set(proj) != {"weight", "bias"}:
+            raise KeyError(f"{path}: expected speech_llama_proj.weight and .bias, found {sorted(proj)}")
+        self._copy_checked(self.speech_llama_proj.weight, proj["weight"], "speech_llama_proj.weight", path)
+        self._copy_checked(self.speech_llama_proj.bias, proj["bias"], "speech_llama_proj.bias", path)
+
+    def _set_trainable(self, cfg: Mapping[str, Any]) -> None:
+        """Only the Q-Former, projection, layer norms and LoRA train (unless the config unfreezes more)."""
+        for p in self.speech_encoder.parameters():
+            p.requires_grad = not cfg["freeze_whisper"]
+        if self.beats is not None:
+            for p in self.beats.parameters():
+                p.requires_grad = not cfg["freeze_beats"]
+        for p in [*self.speech_Qformer.parameters(), self.speech_query_tokens]:
+            p.requires_grad = not cfg["freeze_speech_QFormer"]
+        for p in self.speech_llama_proj.parameters():
+            p.requires_grad = not cfg["freeze_speech_llama_proj"]
+
+    def train(self, mode: bool = True) -> "SALMONN":
+        """Frozen encoders stay in eval mode (no dropout), as in the original."""
+        super().train(mode)
+        if self.cfg["freeze_whisper"]:
+            self.speech_encoder.eval()
+        if self.beats is not None and self.cfg["freeze_beats"]:
+            self.beats.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_query_tokens.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llama_model.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------ checkpoints (original key format)
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained tensors under the original implementation's names (what its tools and ours read)."""
+        return {to_original_name(n): p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Strict load: every trained tensor must be present with its shape; leftovers are listed, then ignored."""
+        params = dict(self.named_parameters())
+        ignored, unexpected = [], []
+        for key, value in state.items():
+            name = from_original_name(key)
+            if name in params:
+                self._copy_checked(params[name], value, key, source)
+            elif any(p.search(key) for p in _LEFTOVER_KEYS):
+                ignored.append(key)
+            else:
+                unexpected.append(key)
+        if unexpected:
+            raise KeyError(f"{source}: {len(unexpected)} keys match no tensor of this model (wrong architecture or "
+                           f"config?), e.g. {unexpected[:5]}")
+        missing = [to_original_name(n) for n, p in params.items() if p.requires_grad
+                   and to_original_name(n) not in state]
+        if missing:
+            raise KeyError(f"{source}: {len(missing)} trained tensors are missing, e.g. {missing[:5]}")
+        if ignored:
+            log.info("%s: ignored %d leftover tensors that are recomputed or shared (%s, ...)",
+                     source, len(ignored), ignored[0])
+
+    @staticmethod
+    def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str, source: str) -> None:
+        if tuple(param.shape) != tuple(value.shape):
+            raise ValueError(f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                             f"{tuple(param.shape)} in the model (a 13B checkpoint with a 7B LLaMA, or the "
+                             "wrong Q-Former/BEATs config?)")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Loads a checkpoint written by the original code or by ours: `{"model": state_dict, ...}`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: '{path}' (download salmonn_v1.pth / "
+                                    "salmonn_7b_v0.pth there, or fix model.ckpt)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- re-raised with the file name and the reason
+            raise RuntimeError(f"cannot load '{path}' safely (weights_only=True): {e}") from e
+        state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+        self.load_trainable_state_dict(state, source=str(path))
+        log.info("loaded %d tensors from %s", len(state), path)
+        return ckpt
+
+    def set_lora_scaling(self, scale: float) -> None:
+        """Inference-time LoRA scaling (alpha / r by default); the SALMONN authors lower it to bring back abilities
+        the fine-tune suppressed."""
+        if not self.cfg["lora"]:
+            raise ValueError("lora_scaling is set but the model has no LoRA (model.lora: false)")
+        for module in self.llama_model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                for adapter in module.scaling:
+                    module.scaling[adapter] = float(scale)
+
+    # ------------------------------------------------------------------ speech
+    def window_size(self, num_frames: int, seconds: float) -> tuple[int, int]:
+        """Window kernel and stride in encoder frames, derived from the encoder's frame rate."""
+        frames_per_second = num_frames / seconds
+        kernel = round(frames_per_second * self.cfg["second_per_window"])
+        stride = round(frames_per_second * self.cfg["second_stride"])
+        return kernel, stride
+
+    def encode_speech(self, spectrogram: torch.Tensor, raw_wav: torch.Tensor | None = None,
+                      audio_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips -> speech tokens in the LLM embedding space: (embeds [C, T, D_llm], atts [C, T])."""
+        enc_dtype = next(self.speech_encoder.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg["freeze_whisper"]):
+            speech = self.speech_encoder(spectrogram.to(enc_dtype)).last_hidden_state  # [C, Tw, Dw]
+        speech = self.ln_speech(speech.float())
+        if self.beats is not None:
+            if raw_wav is None:
+                raise ValueError("this model has BEATs: encode_speech needs raw_wav (and its padding mask)")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg["freeze_beats"]):
+                audio, audio_pad = self.beats(raw_wav, audio_padding_mask)  # [C, P, Db], [C, P]
+            audio = self.ln_audio(audio.float()).masked_fill(audio_pad.unsqueeze(-1), 0.0)
+            # As in the original, BEATs patches are paired with Whisper frames by index, zero-padded to Tw.
+            audio = F.pad(audio, (0, 0, 0, max(0, speech.shape[1] - audio.shape[1])))[:, : speech.shape[1]]
+            speech = torch.cat([speech, audio], dim=-1)  # [C, Tw, Dw + Db]
+
+        C, T, D = speech.shape
+        seconds = spectrogram.shape[-1] * self.whisper_hop_seconds
+        if self.cfg["window_level_Qformer"]:
+            kernel, stride = self.window_size(T, seconds)
+            windows = speech.unfold(1, kernel, stride)  # [C, L, D, kernel]
+            L = windows.shape[1]
+            windows = windows.permute(0, 1, 3, 2).reshape(C * L, kernel, D)
+        else:
+            L, windows = 1, speech
+        query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
+        out = self.speech_Qformer(query_embeds=query, encoder_hidden_states=windows).last_hidden_state
+        embeds = self.speech_llama_proj(out).reshape(C, L * query.shape[1], -1)  # [C, T_speech, D_llm]
+        atts = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return embeds, atts
+
+    # ------------------------------------------------------------------ sequences
+    def _prompts_for(self, samples: Mapping[str, Any]) -> list[str]:
+        if samples.get("prompt") is not None:
+            return list(samples["prompt"])
+        if not self.prompt_dict:
+            raise ValueError("the batch has no 'prompt' and model.prompt_path is empty")
+        questions = samples.get("Q") or [""] * len(samples["task"])
+        rng = self.prompt_rng if (self.training and self.cfg["multi_prompt"]) else None
+        return [choose_prompt(self.prompt_dict, t, q, rng) for t, q in zip(samples["task"], questions)]
+
+    def _slots_for(self, samples: Mapping[str, Any], num_clips: int) -> list[list[list[int]]]:
+        slots = samples.get("speech_slots")
+        return slots if slots is not None else [[[c]] for c in range(num_clips)]
+
+    def _target_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text + self.cfg["end_sym"])
+        limit = self.cfg["max_txt_len"]
+        if len(ids) > limit:
+            end = self.tokenizer.encode(self.cfg["end_sym"]) if self.cfg["end_sym"] else []
+            self.targets_cut += 1
+            log.warning("target of %d tokens cut to max_txt_len=%d (keeping '%s'); %d cut so far: '%s...'",
+                        len(ids), limit, self.cfg["end_sym"], self.targets_cut, text[:60])
+            ids = ids[: limit - len(end)] + end
+        return ids
+
+    def _sequence(self, prompt: str, slot_embeds: list[torch.Tensor],
+                  target: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[bos] + text piece + speech slot + ... + text piece (+ target): (embeds [L, D], labels [L])."""
+        pieces = prompt.split(SPEECH_SLOT)
+        if len(pieces) - 1 != len(slot_embeds):
+            raise ValueError(f"prompt has {len(pieces) - 1} {SPEECH_SLOT} slots but the batch gives "
+                             f"{len(slot_embeds)} speech segments: {prompt[:80]!r}")
+        embed = self.llama_model.get_input_embeddings()
+        device = self.device
+        parts: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+
+        def add_text(ids: list[int], is_target: bool) -> None:
+            if not ids:
+                return
+            t = torch.tensor(ids, dtype=torch.long, device=device)
+            parts.append(embed(t))
+            labels.append(t if is_target else torch.full_like(t, IGNORE_INDEX))
+
+        add_text([self.tokenizer.bos_id], False)
+        for i, piece in enumerate(pieces):
+            add_text(self.tokenizer.encode(piece) if piece else [], False)
+            if i < len(slot_embeds):
+                parts.append(slot_embeds[i].to(self.llm_dtype))
+                labels.append(torch.full((slot_embeds[i].shape[0],), IGNORE_INDEX, dtype=torch.long, device=device))
+        if target is not None:
+            add_text(self._target_ids(target), True)
+        return torch.cat(parts), torch.cat(labels)
+
+    def _batch_sequences(self, samples: Mapping[str, Any], prompts: list[str], with_targets: bool,
+                         left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encodes the clips, builds each sample's sequence and pads them: embeds, attention mask, labels."""
+        speech, _ = self.encode_speech(samples["spectrogram"].to(self.device),
+                                       _to(samples.get("raw_wav"), self.device),
+                                       _to(samples.get("padding_mask"), self.device))
+        slots = self._slots_for(samples, speech.shape[0])
+        if len(slots) != len(prompts):
+            raise ValueError(f"batch has {len(prompts)} prompts but {len(slots)} speech_slots entries")
+        seqs = []
+        for b, prompt in enumerate(prompts):
+            slot_embeds = [speech[clips].reshape(-1, speech.shape[-1]) for clips in slots[b]]
+            seqs.append(self._sequence(prompt, slot_embeds, samples["text"][b] if with_targets else None))
+        max_len = max(e.shape[0] for e, _ in seqs)
+        pad_embed = self.llama_model.get_input_embeddings()(
+            torch.tensor([self.tokenizer.pad_id], device=self.device))[0]
+        embeds, masks, labels = [], [], []
+        for e, lab in seqs:
+            n = max_len - e.shape[0]
+            pad = pad_embed.expand(n, -1)
+            order = (lambda a, b: [b, a]) if left_pad else (lambda a, b: [a, b])
+            embeds.append(torch.cat(order(e, pad)))
+            masks.append(torch.cat(order(torch.ones(e.shape[0], dtype=torch.long, device=self.device),
+                                         torch.zeros(n, dtype=torch.long, device=self.device))))
+            labels.append(torch.cat(order(lab, torch.full((n,), IGNORE_INDEX, dtype=torch.long,
+                                                          device=self.device))))
+        return torch.stack(embeds), torch.stack(masks), torch.stack(labels)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
+        normalise over accumulation steps and ranks."""
+        prompts = self._prompts_for(samples)
+        embeds, mask, labels = self._batch_sequences(samples, prompts, with_targets=True, left_pad=False)
+        logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask).logits
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        valid = labels != IGNORE_INDEX
+        num_tokens = valid.sum()
+        correct = ((logits.argmax(-1) == labels) & valid).sum()
+        return {"loss": loss_sum / num_tokens.clamp(min=1), "loss_sum": loss_sum, "num_tokens": num_tokens,
+                "correct": correct, "logits": logits}
+
+    # ------------------------------------------------------------------ inference
+    def generation_config(self, generate_cfg: Mapping[str, Any]) -> GenerationConfig:
+        gen = GenerationConfig(**dict(generate_cfg))
+        gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+            self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        return gen
+
+    @torch.no_grad()
+    def generate(self, samples: Mapping[str, Any], generate_cfg: Mapping[str, Any],
+                 prompts: list[str] | None = None, streamer: Any = None) -> list[str]:
+        """Answers as clean text. Prompts are left-padded; each sample stops at its own end token."""
+        prompts = list(prompts) if prompts is not None else self._prompts_for(samples)
+        embeds, mask, _ = self._batch_sequences(samples, prompts, with_targets=False, left_pad=True)
+        out = self.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                        generation_config=self.generation_config(generate_cfg), streamer=streamer)
+        return [self.tokenizer.decode(_until_eos(ids.tolist(), self.tokenizer.eos_id)).strip() for ids in out]
+
+
+def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return x.to(device) if x is not None else None
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -1,0 +1,633 @@
+"""The training recipe: optimisation, validation, decoding, checkpoints and exact resume.
+
+One `Runner` drives one process; `torchrun` starts several of them for DDP/FSDP. Everything it needs comes
+from the config's `run:` and `generate:` sections.
+
+Conventions that the tests rely on:
+- a *step* is one optimizer step of `accum_grad_iters` micro-batches per process; an *epoch* is
+  `iters_per_epoch` steps (or one pass over the data when `epoch_based`), and the lr schedule is per step;
+- the loss of a step is the sum of token NLLs over all its micro-batches and ranks divided by the number of
+  target tokens they hold, so 2 processes x batch b give the same update as 1 process x batch 2b, and k
+  accumulated micro-batches the same as one batch k times as large;
+- data order depends only on (seed, data epoch), and a checkpoint records how many batches of the current data
+  epoch were consumed, so a resumed run sees the same batches, RNG draws and updates as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from accelerate.data_loader import SkipBatchSampler
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler, Subset
+from tqdm import tqdm
+
+from utils import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    config_to_dict,
+    gather_objects,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger("salmonn.runner")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_step(\d+)\.pth$")
+BEST_NAME = "checkpoint_best.pth"
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and run.nonfinite_loss is 'stop'."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for run.precision (None = fp32): auto is bf16 on GPUs that have it, else fp16; fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in PRECISIONS:
+        raise ValueError(f"run.precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    return PRECISIONS[precision]
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, warmup_start_lr: float, init_lr: float,
+                     min_lr: float) -> float:
+    """The original SALMONN/LAVIS schedule: linear warm-up from warmup_start_lr to init_lr, then a cosine from
+    init_lr to min_lr over the whole run (the cosine's phase counts the warm-up steps too, as in the original)."""
+    if step < warmup_steps:
+        return min(init_lr, warmup_start_lr + (init_lr - warmup_start_lr) * step / max(warmup_steps, 1))
+    return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: no weight decay on norms, biases and other 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (check the freeze_* and lora keys)")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to <path>.tmp, fsync, then rename: a crash mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in output_dir, oldest first."""
+    found = []
+    for path in output_dir.glob("checkpoint_step*.pth"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """run.resume: '' -> None, 'auto' -> the latest step checkpoint in output_dir (None if there is none)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = step_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"run.resume: checkpoint not found: '{resume}'")
+    return path
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The SALMONN module inside a DDP/FSDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    return len(batch["text"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+class BatchStream:
+    """An endless stream of training micro-batches, epoch after epoch, in an order fixed by (seed, data epoch).
+
+    `position` = (data epoch, batches of it consumed); a stream built from a position continues exactly there.
+    """
+
+    def __init__(self, make_loader: Callable[[int, int], DataLoader], epoch: int = 0, batch: int = 0):
+        self.make_loader = make_loader
+        self.epoch, self.batch = epoch, batch
+        self.iterator: Iterator[dict[str, Any]] = iter(make_loader(epoch, batch))
+
+    def next(self) -> dict[str, Any]:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.iterator = iter(self.make_loader(self.epoch, 0))
+            batch = next(self.iterator)
+        self.batch += 1
+        return batch
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+@dataclass
+class StepResult:
+    loss: float
+    acc: float
+    tokens: int
+    samples: int
+    grad_norm: float
+    skipped: bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the runner
+
+
+class Runner:
+    """Trains, validates and decodes one SALMONN model with the settings of `cfg.run`."""
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, datasets: dict[str, Dataset], dist_info: DistInfo):
+        self.cfg, self.run_cfg = cfg, cfg.run
+        self.datasets = datasets
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.output_dir = Path(self.run_cfg.output_dir)
+        self.amp_dtype = resolve_precision(self.run_cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._check_run_config()
+
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.run_cfg.optims.weight_decay),
+            lr=self.run_cfg.optims.init_lr,
+            betas=(self.run_cfg.optims.beta1, self.run_cfg.optims.beta2),
+        )
+        self.iters_per_epoch = self._iters_per_epoch()
+        self.total_steps = self.run_cfg.optims.max_epoch * self.iters_per_epoch
+        optims = self.run_cfg.optims
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine_lr(step, self.total_steps, optims.warmup_steps, optims.warmup_start_lr,
+                                          optims.init_lr, optims.min_lr) / optims.init_lr,
+        )
+        self.step = 0
+        self.skipped_steps = 0
+        self.best = {"metric": self.run_cfg.best_metric, "value": None, "step": None}
+        self.data_position = {"epoch": 0, "batch": 0}
+        self.rng_restored = False
+        self.wrapped = self._wrap(self.model)
+        self.writer = None
+
+    # ---------------------------------------------------------------- setup
+    def _check_run_config(self) -> None:
+        run = self.run_cfg
+        if run.accum_grad_iters < 1 or run.batch_size_train < 1 or run.batch_size_eval < 1:
+            raise ValueError("run.accum_grad_iters, run.batch_size_train and run.batch_size_eval must be >= 1")
+        if run.keep_last < 1:
+            raise ValueError("run.keep_last must be >= 1 (resume needs the latest checkpoint)")
+        if run.nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"run.nonfinite_loss must be 'stop' or 'skip', got '{run.nonfinite_loss}'")
+        if run.best_metric_mode not in ("max", "min"):
+            raise ValueError(f"run.best_metric_mode must be 'max' or 'min', got '{run.best_metric_mode}'")
+        if run.fsdp and not self.dist.distributed:
+            raise ValueError("run.fsdp: true needs several processes (start with torchrun --nproc_per_node N)")
+
+    def _iters_per_epoch(self) -> int:
+        if not self.run_cfg.epoch_based:
+            return self.run_cfg.iters_per_epoch
+        batches = len(self._train_loader(0, 0))
+        steps = batches // self.run_cfg.accum_grad_iters
+        if steps < 1:
+            raise ValueError(f"epoch_based: the training split gives {batches} batches per process, fewer than "
+                             f"run.accum_grad_iters={self.run_cfg.accum_grad_iters}")
+        return steps
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP (or FSDP) across processes; the bare model on one."""
+        if not self.dist.distributed:
+            return model
+        if self.run_cfg.fsdp:
+            return self._wrap_fsdp(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def _wrap_fsdp(self, model: nn.Module) -> nn.Module:
+        """FSDP2 (`fully_shard`): each LLaMA decoder layer is a shard unit, then the whole model."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32) if self.amp_dtype else \
+            MixedPrecisionPolicy()
+        for module in model.modules():
+            if type(module).__name__ == "LlamaDecoderLayer":
+                fully_shard(module, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ---------------------------------------------------------------- data
+    def _train_loader(self, data_epoch: int, skip_batches: int) -> DataLoader:
+        """The data epoch's batches for this rank, in an order fixed by (seed, data epoch), minus the first
+        `skip_batches` (already consumed before a resume; they are never loaded)."""
+        dataset = self.datasets["train"]
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(data_epoch)
+        sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=self.run_cfg.seed, drop_last=False)
+        sampler.set_epoch(data_epoch)
+        batches = BatchSampler(sampler, self.run_cfg.batch_size_train, drop_last=False)
+        if skip_batches:
+            batches = SkipBatchSampler(batches, skip_batches=skip_batches)
+        # A generator of its own: worker seeds must not draw from (and so shift) the global RNG.
+        generator = torch.Generator().manual_seed(self.run_cfg.seed + data_epoch)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collater,
+                          num_workers=self.run_cfg.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda")
+
+    def _eval_loader(self, split: str, limit: int = 0) -> DataLoader:
+        """This rank's share of a split, in order, no sample repeated (FSDP pads so every rank runs alike)."""
+        dataset = self.datasets[split]
+        indices = list(range(len(dataset)))[: limit or None]
+        if self.run_cfg.fsdp:
+            pad = (-len(indices)) % self.dist.world_size
+            indices = indices + indices[:pad]
+        share = Subset(dataset, indices[self.dist.rank:: self.dist.world_size])
+        return DataLoader(share, sampler=SequentialSampler(share), batch_size=self.run_cfg.batch_size_eval,
+                          collate_fn=dataset.collater, num_workers=self.run_cfg.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
+        """Forward/backward every micro-batch, normalise the gradients by the step's target tokens over all
+        micro-batches and ranks, clip, and update (or stop/skip on a non-finite loss)."""
+        self.wrapped.train()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss_sum, tokens, correct, samples
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not isinstance(self.wrapped, DistributedDataParallel) \
+                else self.wrapped.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.wrapped(batch)
+                self.scaler.scale(out["loss_sum"]).backward()
+            totals += torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
+                                   out["correct"].double(), torch.tensor(batch_size_of(batch), device=self.device,
+                                                                         dtype=torch.float64)])
+        all_reduce_sum(totals)
+        loss_sum, tokens, correct, samples = totals.tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        if not math.isfinite(loss):
+            return self._nonfinite(loss, int(tokens), int(samples))
+
+        self.scaler.unscale_(self.optimizer)
+        # DDP/FSDP average gradients over ranks: times world size over the step's tokens gives sum / tokens.
+        factor = self.dist.world_size / max(tokens, 1.0)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.run_cfg.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(loss=loss, acc=correct / max(tokens, 1.0), tokens=int(tokens), samples=int(samples),
+                          grad_norm=float(grad_norm), skipped=False)
+
+    def _nonfinite(self, loss: float, tokens: int, samples: int) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.run_cfg.nonfinite_loss == "stop":
+            latest = step_checkpoints(self.output_dir)
+            last_good = f"{latest[-1][1]}" if latest else "none written yet"
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {self.step + 1}; training stopped before the update, so the "
+                f"weights are unchanged. Last good checkpoint: {last_good}. Try a lower run.optims.init_lr, "
+                f"run.precision: bf16 or fp32, or run.nonfinite_loss: skip to skip such steps.")
+        self.skipped_steps += 1
+        log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", loss, self.step + 1,
+                    self.skipped_steps)
+        self.scheduler.step()
+        return StepResult(loss=loss, acc=0.0, tokens=tokens, samples=samples, grad_norm=float("nan"), skipped=True)
+
+    # ---------------------------------------------------------------- training loop
+    def train(self) -> dict[str, Any]:
+        """Train to max_epoch * iters_per_epoch steps, validating and checkpointing on the way."""
+        if "train" not in self.datasets:
+            raise ValueError("training needs datasets.train_ann_path")
+        resume = resolve_resume(self.run_cfg.resume, self.output_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif self.run_cfg.resume == "auto":
+            log.info("run.resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
+        if not self.rng_restored:
+            seed_everything(self.run_cfg.seed + self.dist.rank)
+        self._open_logs()
+
+        stream = BatchStream(self._train_loader, **self.data_position)
+        per_step = self.run_cfg.batch_size_train * self.run_cfg.accum_grad_iters * self.dist.world_size
+        log.info("training: %d steps (%d epochs x %d steps), %d samples per step (%d per process x %d accumulation "
+                 "x %d processes), precision %s, output %s", self.total_steps, self.run_cfg.optims.max_epoch,
+                 self.iters_per_epoch, per_step, self.run_cfg.batch_size_train, self.run_cfg.accum_grad_iters,
+                 self.dist.world_size, self.amp_dtype or "fp32", self.output_dir)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
+                   dynamic_ncols=True)
+        last_valid: dict[str, float] = {}
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            micro_batches = [stream.next() for _ in range(self.run_cfg.accum_grad_iters)]
+            lr = self.optimizer.param_groups[0]["lr"]
+            result = self.train_step(micro_batches)
+            self.step += 1
+            self.data_position = stream.position
+            seconds = time.perf_counter() - t0
+            self._log_step(result, lr, seconds, bar)
+
+            end_of_epoch = self.step % self.iters_per_epoch == 0
+            every = self.run_cfg.valid_every_steps
+            if end_of_epoch or (every and self.step % every == 0):
+                last_valid = self.validate()
+            save_every = self.run_cfg.save_every_steps
+            if end_of_epoch or (save_every and self.step % save_every == 0):
+                self.save_checkpoint(last_valid if (end_of_epoch or every) else {})
+        bar.close()
+        self._close_logs()
+        return {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps, "valid": last_valid}
+
+    # ---------------------------------------------------------------- logging
+    def _open_logs(self) -> None:
+        if not self.dist.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics_log()
+        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1)
+
+    def _close_logs(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _truncate_metrics_log(self) -> None:
+        """On resume, drop lines logged after the checkpoint's step (a killed run may have logged a few more)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_step(self, result: StepResult, lr: float, seconds: float, bar: tqdm) -> None:
+        samples_per_s = result.samples / max(seconds, 1e-9)
+        tokens_per_s = result.tokens / max(seconds, 1e-9)
+        epoch = (self.step - 1) // self.iters_per_epoch
+        self._append_metrics({"kind": "train", "step": self.step, "epoch": epoch, "loss": result.loss,
+                              "acc": result.acc, "lr": lr, "grad_norm": result.grad_norm,
+                              "samples_per_s": samples_per_s, "skipped": result.skipped})
+        if not self.dist.is_main:
+            return
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        if self.step % self.run_cfg.log_freq == 0 or self.step == 1:
+            for name, value in (("loss", result.loss), ("acc", result.acc), ("lr", lr),
+                                ("grad_norm", result.grad_norm), ("samples_per_s", samples_per_s),
+                                ("tokens_per_s", tokens_per_s), ("skipped_steps", self.skipped_steps)):
+                self.writer.add_scalar(f"train/{name}", value, self.step)
+            log.info("step %d/%d epoch %d: loss %.4f acc %.3f lr %.3e grad_norm %.3f %.1f samples/s %.0f tokens/s",
+                     self.step, self.total_steps, epoch, result.loss, result.acc, lr, result.grad_norm,
+                     samples_per_s, tokens_per_s)
+
+    # ---------------------------------------------------------------- validation and decoding
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss and token accuracy (all ranks), plus decode metrics on a subset if configured."""
+        if "valid" not in self.datasets:
+            return {}
+        log.info("validating at step %d", self.step)
+        model = self.wrapped if self.run_cfg.fsdp else unwrap(self.wrapped)
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for batch in self._eval_loader("valid"):
+            with self._autocast():
+                out = model(batch)
+            totals += torch.stack([out["loss_sum"].double(), out["num_tokens"].double(), out["correct"].double()])
+        all_reduce_sum(totals)
+        loss_sum, tokens, correct = totals.tolist()
+        metrics = {"loss": loss_sum / max(tokens, 1.0), "acc": correct / max(tokens, 1.0)}
+        if self.run_cfg.valid_decode_samples:
+            records = self.decode("valid", limit=self.run_cfg.valid_decode_samples)
+            metrics.update(broadcast_object(score_records(records) if self.dist.is_main else None))
+        self.wrapped.train()
+        if self.dist.is_main:
+            log.info("valid at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"valid/{name}", value, self.step)
+        self._append_metrics({"kind": "valid", "step": self.step, **metrics})
+        return metrics
+
+    @torch.no_grad()
+    def decode(self, split: str, limit: int = 0) -> list[dict[str, str]]:
+        """Greedy/beam decode a split with the `generate:` settings: [{id, task, prompt, prediction, reference}]
+        in dataset order on rank 0 (an empty list on the other ranks)."""
+        model = unwrap(self.wrapped)
+        model.eval()
+        generate_cfg = config_to_dict(self.cfg.generate)
+        records: list[dict[str, str]] = []
+        loader = self._eval_loader(split, limit)
+        for batch in tqdm(loader, desc=f"decode {split}", disable=not self.dist.is_main, dynamic_ncols=True):
+            prompts = list(batch["prompt"]) if batch.get("prompt") is not None else model._prompts_for(batch)
+            with self._autocast(), self._full_params():
+                predictions = model.generate(batch, generate_cfg, prompts=prompts)
+            for i, prediction in enumerate(predictions):
+                records.append({"id": batch["id"][i], "task": batch["task"][i], "prompt": prompts[i],
+                                "prediction": prediction, "reference": batch["text"][i]})
+        shards = gather_objects(records)
+        if not self.dist.is_main:
+            return []
+        # Rank r decoded samples r, r + W, ...: interleave back into dataset order (FSDP padding dropped).
+        merged = [rec for group in zip(*[s + [None] * (max(map(len, shards)) - len(s)) for s in shards])
+                  for rec in group if rec is not None]
+        n = min(len(self.datasets[split]), limit) if limit else len(self.datasets[split])
+        return merged[:n]
+
+    def _full_params(self):
+        """generate() bypasses forward(): under FSDP gather the full parameters for it."""
+        if not self.run_cfg.fsdp:
+            return nullcontext()
+        return _Unsharded(self.wrapped)
+
+    def evaluate(self, split: str = "test") -> Path:
+        """Decode a split to <output_dir>/predictions_<split>.json (run.evaluate: true)."""
+        if split not in self.datasets:
+            raise ValueError(f"run.evaluate needs datasets.{split}_ann_path")
+        records = self.decode(split)
+        path = self.output_dir / f"predictions_{split}.json"
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+            log.info("wrote %d predictions to %s", len(records), path)
+        barrier()
+        return path
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained tensors under the original SALMONN names, on CPU (gathered from the shards under FSDP)."""
+        if not self.run_cfg.fsdp:
+            return {k: v.cpu() for k, v in unwrap(self.wrapped).trainable_state_dict().items()}
+        with _Unsharded(self.wrapped):
+            return {k: v.cpu() for k, v in self.model.trainable_state_dict().items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.run_cfg.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.wrapped, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if not self.run_cfg.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.wrapped, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+    def save_checkpoint(self, valid_metrics: dict[str, float]) -> None:
+        """Write checkpoint_step<N>.pth (and checkpoint_best.pth when the best metric improved); keep the last
+        run.keep_last step checkpoints. Every rank takes part (RNG states, FSDP gathers); rank 0 writes."""
+        is_best = self._update_best(valid_metrics)
+        state = {
+            "model": self.trainable_state_dict(),
+            "optimizer": self._optimizer_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "epoch": self.step // self.iters_per_epoch,
+            "step": self.step,
+            "rng": gather_objects(rng_state()),  # one per rank
+            "data_position": dict(self.data_position),
+            "world_size": self.dist.world_size,
+            "skipped_steps": self.skipped_steps,
+            "best": dict(self.best),
+            "valid": dict(valid_metrics),
+        }
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / f"checkpoint_step{self.step}.pth"
+            atomic_save(state, path)
+            log.info("saved %s", path)
+            if is_best:
+                atomic_save(state, self.output_dir / BEST_NAME)
+                log.info("new best %s = %.4f at step %d: saved %s", self.best["metric"], self.best["value"],
+                         self.step, self.output_dir / BEST_NAME)
+            for _, old in step_checkpoints(self.output_dir)[: -self.run_cfg.keep_last]:
+                old.unlink()
+        barrier()
+
+    def _update_best(self, valid_metrics: dict[str, float]) -> bool:
+        name = self.run_cfg.best_metric
+        if name not in valid_metrics:
+            if valid_metrics:
+                log.warning("run.best_metric '%s' is not among the validation metrics %s", name, sorted(valid_metrics))
+            return False
+        value = valid_metrics[name]
+        better = self.best["value"] is None or (
+            value > self.best["value"] if self.run_cfg.best_metric_mode == "max" else value < self.best["value"])
+        if better:
+            self.best = {"metric": name, "value": value, "step": self.step}
+        return better
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything a checkpoint holds, so training continues exactly where it stopped."""
+        log.info("resuming from %s", path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if self.run_cfg.fsdp:
+            with _Unsharded(self.wrapped, writeback=True):
+                self.model.load_trainable_state_dict(ckpt["model"], source=str(path))
+        else:
+            unwrap(self.wrapped).load_trainable_state_dict(ckpt["model"], source=str(path))
+        self._load_optimizer_state(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = ckpt["step"]
+        self.skipped_steps = ckpt["skipped_steps"]
+        self.best = ckpt["best"]
+        self.data_position = ckpt["data_position"]
+        if ckpt["world_size"] == self.dist.world_size:
+            set_rng_state(ckpt["rng"][self.dist.rank])
+            self.rng_restored = True
+        else:
+            log.warning("checkpoint was written by %d processes, this run has %d: data position and RNG streams "
+                        "differ from an uninterrupted run", ckpt["world_size"], self.dist.world_size)
+        log.info("resumed at step %d (epoch %d, data epoch %d batch %d)", self.step, ckpt["epoch"],
+                 self.data_position["epoch"], self.data_position["batch"])
+
+
+class _Unsharded:
+    """Context in which an FSDP2 model holds its full parameters (for generate() and checkpoint I/O)."""
+
+    def __init__(self, model: nn.Module, writeback: bool = False):
+        self.model, self.writeback = model, writeback
+
+    def __enter__(self) -> None:
+        self.model.unshard()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.reshard()
+
+
+def score_records(records: list[dict[str, str]]) -> dict[str, float]:
+    """Task metrics of decoded validation records (the inference scripts' scorer)."""
+    from evaluate import score_predictions
+
+    return score_predictions(records)
