@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = dict(
     qformer_hidden_size=768, qformer_num_layers=2, qformer_num_heads=12, qformer_intermediate_size=3072,
     speech_llama_proj_model="", freeze_speech_llama_proj=False,
     lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
-    lora_scaling=None, multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
+    lora_scaling=None, trim_speech_padding=False, multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
     max_txt_len=128, end_sym="</s>", low_resource=False, torch_dtype="float32",
 )
 
@@ -101,8 +101,8 @@ def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
 
 
 def _check_loading_info(info: dict, what: str, path: str, ignore: tuple[str, ...] = ()) -> None:
-    missing = [k for k in info.get("missing_keys", []) if not any(s in k for s in ignore)]
-    mismatched = info.get("mismatched_keys", [])
+    missing = sorted(k for k in info.get("missing_keys", []) if not any(s in k for s in ignore))
+    mismatched = sorted(map(str, info.get("mismatched_keys", [])))
     if missing or mismatched:
         raise RuntimeError(f"{what} at '{path}' does not match its config: missing weights {missing[:10]}, "
                            f"shape mismatches {mismatched[:10]}")
@@ -360,7 +360,19 @@ class SALMONN(nn.Module):
         out = self.speech_Qformer(query_embeds=query, encoder_hidden_states=windows).last_hidden_state
         embeds = self.speech_llama_proj(out).reshape(C, L * query.shape[1], -1)  # [C, T_speech, D_llm]
         atts = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if self.cfg["trim_speech_padding"] and audio_padding_mask is not None and self.cfg["window_level_Qformer"]:
+            windows_kept = self.num_windows((~audio_padding_mask).sum(-1), T / seconds, stride, L)  # [C]
+            atts = (torch.arange(L, device=embeds.device) < windows_kept[:, None]).long()
+            atts = atts.repeat_interleave(query.shape[1], dim=1)
         return embeds, atts
+
+    @staticmethod
+    def num_windows(num_samples: torch.Tensor, frames_per_second: float, stride: int, max_windows: int,
+                    sample_rate: int = 16000) -> torch.Tensor:
+        """Windows that hold a clip's audio (the last one partly): ceil(frames / stride), at most all windows.
+        Used by `trim_speech_padding` to drop the tokens of Whisper's 30 s zero-padding."""
+        frames = torch.ceil(num_samples.double() * frames_per_second / sample_rate)
+        return torch.clamp(torch.ceil(frames / stride), 1, max_windows).long()
 
     # ------------------------------------------------------------------ sequences
     def _prompts_for(self, samples: Mapping[str, Any]) -> list[str]:
@@ -419,7 +431,7 @@ class SALMONN(nn.Module):
     def _batch_sequences(self, samples: Mapping[str, Any], prompts: list[str], with_targets: bool,
                          left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encodes the clips, builds each sample's sequence and pads them: embeds, attention mask, labels."""
-        speech, _ = self.encode_speech(samples["spectrogram"].to(self.device),
+        speech, atts = self.encode_speech(samples["spectrogram"].to(self.device),
                                        _to(samples.get("raw_wav"), self.device),
                                        _to(samples.get("padding_mask"), self.device))
         slots = self._slots_for(samples, speech.shape[0])
@@ -427,7 +439,7 @@ class SALMONN(nn.Module):
             raise ValueError(f"batch has {len(prompts)} prompts but {len(slots)} speech_slots entries")
         seqs = []
         for b, prompt in enumerate(prompts):
-            slot_embeds = [speech[clips].reshape(-1, speech.shape[-1]) for clips in slots[b]]
+            slot_embeds = [torch.cat([speech[c][atts[c].bool()] for c in clips]) for clips in slots[b]]
             seqs.append(self._sequence(prompt, slot_embeds, samples["text"][b] if with_targets else None))
         max_len = max(e.shape[0] for e, _ in seqs)
         pad_embed = self.llama_model.get_input_embeddings()(
