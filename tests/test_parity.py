@@ -185,3 +185,16 @@ def test_generate_end_to_end_single_clip(variant, inputs, i):
     torch.testing.assert_close(torch.stack(out.logits, 1), ref["generate.step_logits"][i : i + 1, :, :700],
                                atol=ATOL, rtol=ATOL)
     assert out.sequences[0, -10:].tolist() == ref["generate.output_ids"][i, 1:].tolist()
+
+
+def test_front_end_matches_original_batch(inputs):
+    """Our one audio loader + Whisper log-mel + collation reproduce the original's batch (looser tolerance for
+    the feature extractor, as the fixtures' README advises)."""
+    from dataset_v1 import load_audio, load_feature_extractor, log_mel
+
+    waves = [load_audio(PARITY / name) for name in ("clip0_5.1s.wav", "clip1_21.7s.wav")]
+    for i, wav in enumerate(waves):
+        n = META["dataset_batch"]["num_samples"][i]
+        assert torch.equal(torch.from_numpy(wav).double(), inputs["raw_wav"][i, :n])
+    spec = torch.from_numpy(log_mel(waves, load_feature_extractor(PARITY / "whisper_dir")))
+    torch.testing.assert_close(spec, inputs["spectrogram"], atol=1e-4, rtol=1e-4)
