@@ -29,9 +29,9 @@ SPEECH_TAG = "<Speech><SpeechHere></Speech>"
 QUESTION_SLOT = "{}"
 DEFAULT_TEMPLATE = "USER: {}\nASSISTANT:"
 
-# Labels of the per-turn block, per language; English is the fallback for any other language.
+# Labels of the per-turn block (each with its separator), per language; English for any other language.
 TURN_LABELS = {
-    "en": {"turn": "Turn {n}:", "transcript": "Transcript:", "reply": "Assistant:"},
+    "en": {"turn": "Turn {n}: ", "transcript": "Transcript: ", "reply": "Assistant: "},
     "zh": {"turn": "第{n}轮：", "transcript": "文字：", "reply": "助手："},
 }
 
@@ -113,11 +113,11 @@ def turn_block(turns: list[TurnText], language: str = "en") -> str:
     labels = TURN_LABELS.get(language, TURN_LABELS["en"])
     lines = []
     for n, turn in enumerate(turns, start=1):
-        line = f"{labels['turn'].format(n=n)} {SPEECH_TAG}"
+        line = labels["turn"].format(n=n) + SPEECH_TAG
         if turn.transcript is not None:
-            line += f" {labels['transcript']} {turn.transcript}"
+            line += f" {labels['transcript']}{turn.transcript}"
         if turn.reply is not None:
-            line += f" {labels['reply']} {turn.reply}"
+            line += f" {labels['reply']}{turn.reply}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -1,0 +1,360 @@
+"""Audio loading, clips, the dataset (HumDial dialogues and the original single-clip format) and the collater.
+
+`datasets:` keys (configs/*.yaml); from `model:` it reads whisper_path, prompt_path, test_prompt_path and
+prompt_template (a key given in `datasets:` wins):
+
+    datasets:
+      train_ann_path: data/demo/ann/train.json  # annotations written by convert.py
+      valid_ann_path: data/demo/ann/valid.json
+      test_ann_path: data/demo/ann/test.json
+      turn_mode: per_turn      # per_turn (default): each user turn is encoded on its own (a turn > 30 s as several
+                               #   30 s clips) and gets its own <SpeechHere> slot in a "Turn n:" line of the prompt
+                               # concat: the original fine-tune, for comparison: the turns joined with
+                               #   concat_gap_s of silence into one clip, cut at 30 s (a warning counts the cuts)
+      text_inputs: audio       # audio (default; the challenge's test set gives only the user's audio)
+                               # | audio+transcript | audio+transcript+replies (earlier assistant replies)
+      concat_gap_s: 0.5        # silence between turns in concat mode
+
+Training ("train" split) draws a prompt at random from prompt_path, seeded by (seed, epoch, index) so that a
+resumed run sees the same prompts: call `dataset.set_epoch(epoch)` before each epoch (with non-persistent
+DataLoader workers). Evaluation ("valid"/"test") uses the first prompt of test_prompt_path.
+
+An annotation entry with `turns` is a dialogue (see convert.py for its fields); any other entry is the original
+format `{"path", "text", "task", "Q"?, "expand_wav"?}`. Relative audio paths resolve against the annotation
+file's folder. The batch format is in docs/design.md ("A batch"); besides its keys, each sample carries
+`language` and `emotions` (the per-turn labels; [] for single-clip entries) for the metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from torch.utils.data import Dataset
+from transformers import WhisperFeatureExtractor
+
+from prompting import (DEFAULT_TEMPLATE, SPEECH_SLOT, PromptError, TurnText, choose_prompt, expand_turns,
+                       load_prompts, prompt_task, question_prompt)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window
+MIN_CLIP_SAMPLES = SAMPLE_RATE  # shorter clips are zero-padded, as the original (BEATs needs a few frames)
+EXPAND_WAV_GAP_SAMPLES = 1600  # the original's silence between `expand_wav` files
+TURN_MODES = ("per_turn", "concat")
+TEXT_INPUTS = ("audio", "audio+transcript", "audio+transcript+replies")
+BATCH_LIST_KEYS = ("prompt", "text", "task", "Q", "id", "language", "emotions")
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file."""
+
+
+class AnnotationError(ValueError):
+    """An annotation file or entry that cannot be used; the message names file, entry and key."""
+
+
+# ---------------------------------------------------------------------------------------------- audio
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """float32 mono 16 kHz samples of a wav/flac/ogg file: channels averaged, any rate resampled (soxr HQ)."""
+    if not os.path.isfile(path):
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioError(f"cannot read audio file {path}: {e}") from e
+    if wav.shape[0] == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    mono = wav.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def pad_to_min(wav: np.ndarray) -> np.ndarray:
+    """Zero-pads a clip shorter than 1 s to 1 s."""
+    return np.pad(wav, (0, max(0, MIN_CLIP_SAMPLES - len(wav))))
+
+
+def split_clips(wav: np.ndarray) -> list[np.ndarray]:
+    """Consecutive <= 30 s clips covering every sample (the last one padded to >= 1 s)."""
+    if len(wav) == 0:
+        raise AudioError("cannot split empty audio into clips")
+    clips = [wav[start:start + MAX_CLIP_SAMPLES] for start in range(0, len(wav), MAX_CLIP_SAMPLES)]
+    clips[-1] = pad_to_min(clips[-1])
+    return clips
+
+
+def join_with_gaps(wavs: list[np.ndarray], gap_samples: int) -> np.ndarray:
+    """The waves one after another with `gap_samples` of silence between them."""
+    gap = np.zeros(gap_samples, dtype=np.float32)
+    pieces = [piece for wav in wavs for piece in (gap, wav)][1:]
+    return np.concatenate(pieces)
+
+
+def load_feature_extractor(whisper_path: str | os.PathLike) -> WhisperFeatureExtractor:
+    """Whisper's log-mel extractor from `<whisper_path>/preprocessor_config.json` (local file, no hub)."""
+    config = Path(whisper_path) / "preprocessor_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"Whisper feature-extractor config not found: {config}")
+    return WhisperFeatureExtractor.from_json_file(str(config))
+
+
+def log_mel(clips: list[np.ndarray], feature_extractor: WhisperFeatureExtractor) -> np.ndarray:
+    """[len(clips), 80, 3000] float32: each clip padded to 30 s, as Whisper expects."""
+    features = feature_extractor(clips, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    return features.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------- annotations
+def read_annotation(ann_path: str | os.PathLike) -> list[dict]:
+    """Entries of a `{"annotation": [...]}` file, checked, with audio paths made absolute."""
+    ann_path = Path(ann_path)
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_path}")
+    with open(ann_path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{ann_path}:{e.lineno}: malformed JSON: {e.msg}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("annotation"), list):
+        raise AnnotationError(f'{ann_path}: expected {{"annotation": [...]}}')
+    return [checked_entry(entry, f"{ann_path}: annotation[{i}]", ann_path.parent)
+            for i, entry in enumerate(data["annotation"])]
+
+
+def is_dialogue(entry: Mapping[str, Any]) -> bool:
+    return "turns" in entry
+
+
+def checked_entry(entry: Any, where: str, base: Path) -> dict:
+    """The entry with its required keys checked and its audio paths resolved against `base`."""
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: an entry must be an object")
+    required = ("id", "task", "turns", "text") if is_dialogue(entry) else ("path", "text", "task")
+    for key in required:
+        if key not in entry:
+            raise AnnotationError(f"{where}: missing key {key!r}")
+    entry = dict(entry)
+    if not is_dialogue(entry):
+        entry["path"] = resolved_audio(entry["path"], where, base)
+        entry["expand_wav"] = [resolved_audio(p, where, base) for p in entry.get("expand_wav", [])]
+        return entry
+    if not isinstance(entry["turns"], list) or not entry["turns"]:
+        raise AnnotationError(f"{where}: dialogue {entry['id']}: 'turns' must be a non-empty list")
+    turns = []
+    for n, turn in enumerate(entry["turns"], start=1):
+        if not isinstance(turn, dict) or "path" not in turn:
+            raise AnnotationError(f"{where}: dialogue {entry['id']}, turn {n}: missing key 'path'")
+        turns.append({**turn, "path": resolved_audio(turn["path"], f"{where}, turn {n}", base)})
+    entry["turns"] = turns
+    return entry
+
+
+def resolved_audio(path: str, where: str, base: Path) -> str:
+    full = base / path
+    if not full.is_file():
+        raise AnnotationError(f"{where}: audio file not found: {full}")
+    return str(full)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class SalmonnDataset(Dataset):
+    """Dialogue and single-clip entries -> items of clips, speech slots and prompt; `collater` -> a batch."""
+
+    def __init__(self, annotation: list[dict], feature_extractor: WhisperFeatureExtractor,
+                 prompts: dict[str, list[str]], *, training: bool, turn_mode: str = "per_turn",
+                 text_inputs: str = "audio", concat_gap_s: float = 0.5, seed: int = 0):
+        if turn_mode not in TURN_MODES:
+            raise ValueError(f"datasets.turn_mode must be one of {', '.join(TURN_MODES)}, got {turn_mode!r}")
+        if text_inputs not in TEXT_INPUTS:
+            raise ValueError(f"datasets.text_inputs must be one of {', '.join(TEXT_INPUTS)}, got {text_inputs!r}")
+        if turn_mode == "concat" and text_inputs != "audio":
+            raise ValueError("turn_mode concat reproduces the original fine-tune, which shows audio only: "
+                             "use text_inputs: audio with it")
+        self.annotation = annotation
+        self.feature_extractor = feature_extractor
+        self.prompts = prompts
+        self.training = training
+        self.turn_mode = turn_mode
+        self.text_inputs = text_inputs
+        self.concat_gap_samples = round(concat_gap_s * SAMPLE_RATE)
+        self.seed = seed
+        self.epoch = 0
+        self.concat_cuts = 0
+        check_prompts_cover(annotation, prompts, per_turn=turn_mode == "per_turn")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training prompts depend on (seed, epoch, index): set before each epoch for exact resumption."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def prompt_rng(self, index: int) -> random.Random | None:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}") if self.training else None
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.annotation[index]
+        rng = self.prompt_rng(index)
+        item = self.dialogue_item(entry, rng) if is_dialogue(entry) else self.single_clip_item(entry, rng)
+        item["spectrogram"] = log_mel(item["clips"], self.feature_extractor)
+        return item
+
+    def single_clip_item(self, entry: dict, rng: random.Random | None) -> dict:
+        """Original format: the file (plus `expand_wav` files, 0.1 s apart) in one slot, never cut at 30 s."""
+        wavs = [load_audio(p) for p in [entry["path"], *entry["expand_wav"]]]
+        clips = split_clips(join_with_gaps(wavs, EXPAND_WAV_GAP_SAMPLES))
+        language = entry.get("language", "")
+        prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language),
+                               entry.get("Q", ""), rng)
+        return {"clips": clips, "slots": [list(range(len(clips)))], "prompt": prompt, "text": entry["text"],
+                "task": entry["task"], "Q": entry.get("Q", ""), "id": entry.get("id", entry["path"]),
+                "language": language, "emotions": []}
+
+    def dialogue_item(self, entry: dict, rng: random.Random | None) -> dict:
+        wavs = [load_audio(turn["path"]) for turn in entry["turns"]]
+        language = entry.get("language", "")
+        shows_transcripts = self.text_inputs != "audio"
+        question = entry.get("Q", "") if shows_transcripts else ""  # audio only: the question stays in speech
+        prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language), question, rng)
+        if self.turn_mode == "per_turn":
+            clips, slots = per_turn_clips(wavs)
+            prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
+        else:
+            clips, slots = [self.concatenated(wavs, entry["id"])], [[0]]
+        return {"clips": clips, "slots": slots, "prompt": prompt, "text": entry["text"], "task": entry["task"],
+                "Q": entry.get("Q", ""), "id": entry["id"], "language": language,
+                "emotions": [turn.get("emotion", "") for turn in entry["turns"]]}
+
+    def turn_texts(self, turns: list[dict]) -> list[TurnText]:
+        """What text each turn shows besides its speech, per `text_inputs`."""
+        shows_transcripts = self.text_inputs != "audio"
+        shows_replies = self.text_inputs == "audio+transcript+replies"
+        return [TurnText(transcript=turn.get("transcript") if shows_transcripts else None,
+                         reply=turn.get("reply") if shows_replies else None) for turn in turns]
+
+    def concatenated(self, wavs: list[np.ndarray], dialogue_id: str) -> np.ndarray:
+        """The original fine-tune's input: turns joined by silence, cut at 30 s (cuts are counted and logged)."""
+        joined = join_with_gaps(wavs, self.concat_gap_samples)
+        if len(joined) > MAX_CLIP_SAMPLES:
+            self.concat_cuts += 1
+            log.warning("turn_mode concat: dialogue %s has %.1f s of audio, cut to 30 s (%d dialogue(s) cut so "
+                        "far in this process)", dialogue_id, len(joined) / SAMPLE_RATE, self.concat_cuts)
+        return pad_to_min(joined[:MAX_CLIP_SAMPLES])
+
+    def collater(self, items: list[dict]) -> dict[str, Any]:
+        return collate(items)
+
+
+def per_turn_clips(wavs: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[int]]]:
+    """All turns' clips, and per turn the indices of its clips (several when a turn is longer than 30 s)."""
+    clips: list[np.ndarray] = []
+    slots: list[list[int]] = []
+    for wav in wavs:
+        turn_clips = split_clips(wav)
+        slots.append(list(range(len(clips), len(clips) + len(turn_clips))))
+        clips.extend(turn_clips)
+    return clips, slots
+
+
+def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], per_turn: bool) -> None:
+    """Fails at construction, not mid-epoch, when a task has no prompt or a dialogue prompt cannot expand."""
+    missing = set()
+    for entry in annotation:
+        task = prompt_task(prompts, entry["task"], entry.get("language", ""))
+        if task not in prompts:
+            missing.add(task)
+        elif per_turn and is_dialogue(entry):
+            for prompt in prompts[task]:
+                expand_turns(prompt, [TurnText()], entry.get("language", ""))
+    if missing:
+        raise PromptError(f"the prompt file has no prompt for task(s) {', '.join(sorted(missing))}; "
+                          f"known tasks: {', '.join(sorted(prompts))}")
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    """Items -> the batch of docs/design.md: one row per clip, `speech_slots` mapping samples' slots to rows."""
+    clips = [clip for item in items for clip in item["clips"]]
+    lengths = torch.tensor([len(clip) for clip in clips])
+    raw_wav = torch.zeros(len(clips), int(lengths.max()))
+    for row, clip in enumerate(clips):
+        raw_wav[row, :len(clip)] = torch.from_numpy(clip)
+    speech_slots, offset = [], 0
+    for item in items:
+        speech_slots.append([[offset + c for c in slot] for slot in item["slots"]])
+        offset += len(item["clips"])
+    return {
+        "spectrogram": torch.from_numpy(np.concatenate([item["spectrogram"] for item in items])),
+        "raw_wav": raw_wav,
+        "padding_mask": torch.arange(raw_wav.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1),
+        "speech_slots": speech_slots,
+        **{key: [item[key] for item in items] for key in BATCH_LIST_KEYS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- construction
+def _setting(key: str, sections: list[Any], default: Any = None) -> Any:
+    """The first non-empty value of `key` in the config sections (datasets: first, then model:)."""
+    for section in sections:
+        if section is not None and key in section and section[key] not in (None, ""):
+            return section[key]
+    return default
+
+
+def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *, seed: int = 0,
+                  feature_extractor: WhisperFeatureExtractor | None = None) -> SalmonnDataset:
+    """The dataset of one split. cfg: the `datasets:` section; model_cfg: the `model:` section (its
+    whisper_path, prompt_path, test_prompt_path, prompt_template may also sit in cfg); seed: the run's seed."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be train, valid or test, got {split!r}")
+    sections = [cfg, model_cfg]
+    training = split == "train"
+    prompt_path = _setting("prompt_path", sections)
+    if not training:
+        prompt_path = _setting("test_prompt_path", sections, prompt_path)
+    if prompt_path is None:
+        raise ValueError("no prompt file configured: set model.prompt_path (and model.test_prompt_path)")
+    whisper_path = _setting("whisper_path", sections)
+    if feature_extractor is None and whisper_path is None:
+        raise ValueError("model.whisper_path is not set: it holds Whisper's preprocessor_config.json")
+    template = _setting("prompt_template", sections, DEFAULT_TEMPLATE)
+    return SalmonnDataset(
+        read_annotation(ann_path),
+        feature_extractor or load_feature_extractor(whisper_path),
+        load_prompts(str(prompt_path), template),
+        training=training,
+        turn_mode=_setting("turn_mode", sections, "per_turn"),
+        text_inputs=_setting("text_inputs", sections, "audio"),
+        concat_gap_s=float(_setting("concat_gap_s", sections, 0.5)),
+        seed=seed,
+    )
+
+
+def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeatureExtractor, *,
+               template: str = DEFAULT_TEMPLATE, task: str = "", language: str = "en") -> dict[str, Any]:
+    """A one-sample batch from audio files, one per turn (CLI, web demo). `prompt` is either complete (template
+    applied, one <SpeechHere> per file) or a plain question, which is wrapped in the turn block and template."""
+    if not wav_paths:
+        raise ValueError("make_batch needs at least one audio file")
+    if SPEECH_SLOT in prompt:
+        if prompt.count(SPEECH_SLOT) != len(wav_paths):
+            raise PromptError(f"the prompt has {prompt.count(SPEECH_SLOT)} {SPEECH_SLOT} slots for "
+                              f"{len(wav_paths)} audio file(s)")
+        question, full_prompt = "", prompt
+    else:
+        question, full_prompt = prompt, question_prompt(prompt, len(wav_paths), template, language)
+    clips, slots = per_turn_clips([load_audio(p) for p in wav_paths])
+    item = {"clips": clips, "slots": slots, "spectrogram": log_mel(clips, feature_extractor),
+            "prompt": full_prompt, "text": "", "task": task, "Q": question, "id": "+".join(map(str, wav_paths)),
+            "language": language, "emotions": []}
+    return collate([item])

@@ -1,0 +1,316 @@
+"""Builds the HumDial-shaped demo corpus (data/demo): English and Chinese dialogues of 3-5 user turns spoken by
+espeak-ng, each turn's prosody (pitch, pitch range, rate, volume) following its emotion label.
+
+    python scripts/make_demo_corpus.py                                # the committed corpus (data/demo)
+    python scripts/make_demo_corpus.py --num-dialogues 2000 --out /tmp/demo_big   # a larger one at run time
+
+It writes OUT/HD-Track1-T1-{train,test}.jsonl, OUT/audio/ (replaced in full) and, through convert.py,
+OUT/ann/{train,valid,test}.json ready for the dataset.
+
+Needs `espeak-ng` on the PATH (apt-get install espeak-ng). Reproducible: the same arguments give the same
+dialogues, labels and audio parameters (the bytes depend only on the espeak-ng build).
+
+Design, so that the corpus can test whether a model hears emotion:
+- The user's sentences contain no emotion words and labels are drawn independently of the sentence, so the
+  audio is the only emotion cue (the text says nothing about the label).
+- The last turn asks how the user's emotions changed; the target names every turn's emotion in order
+  ("You started neutral, then became sad, ..."), which metrics.emotion_trajectory_scores can read.
+- Held-out (test) dialogues use sentences of which some never appear in training dialogues.
+- Audio is deliberately not 16 kHz and mixes wav/flac/ogg, mono and stereo, to exercise the loader.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import librosa
+import numpy as np
+import soundfile as sf
+import soxr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import convert  # noqa: E402  (the repo root is not a package)
+
+EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
+
+# espeak-ng pitch (0-99), rate (words/min), amplitude (0-200) and SSML pitch range per emotion.
+PROSODY = {
+    "neutral": (50, 165, 100, "medium"),
+    "happy": (68, 190, 125, "high"),
+    "sad": (30, 130, 60, "x-low"),
+    "anger": (42, 200, 165, "high"),
+    "fear": (76, 215, 80, "x-high"),
+    "surprise": (84, 170, 140, "x-high"),
+    "disgust": (28, 135, 115, "low"),
+}
+RATE_FACTOR = {"en": 1.0, "zh": 1.35}  # espeak's Mandarin is slow at English rates
+VOICES = {"en": ["en-us", "en-gb"], "zh": ["cmn"]}
+VARIANTS = ["m1", "m3", "f2", "f3", "f4"]
+SPEAKERS_PER_LANGUAGE = 6
+
+# (file extension, sample rate, channels): never 16 kHz; the loader must resample and downmix. Mostly
+# compressed ogg so that the committed corpus stays at a few MB.
+AUDIO_FORMATS = [("ogg", 22050, 1)] * 6 + [("ogg", 24000, 2)] * 2 + [("flac", 11025, 1), ("wav", 8000, 1)]
+OGG_COMPRESSION = 0.8  # libsndfile's vorbis compression level (0 best quality, 1 smallest)
+TRIM_TOP_DB = 40  # espeak's leading/trailing silence is trimmed to this level below the peak ...
+TRIM_MARGIN_S = 0.1  # ... keeping this much of it
+
+SENTENCES = {
+    "en": [
+        "I got a message from my landlord this morning.",
+        "My sister is moving to another city next month.",
+        "The meeting with my manager was moved to Friday.",
+        "I found my old school photos in a box yesterday.",
+        "The train stopped in the middle of the tunnel today.",
+        "My neighbour parked his truck in front of my door again.",
+        "I just opened the letter from the university.",
+        "Someone left a package on my doorstep last night.",
+        "My phone screen cracked when it fell on the floor.",
+        "The doctor called me back about the test results.",
+        "Our team has to finish the whole project by Monday.",
+        "I saw my best friend from college at the station.",
+        "The kitchen sink started leaking again this morning.",
+        "My brother borrowed my car and returned it with a dent.",
+        "They announced the new schedule at work today.",
+        "I heard a strange noise outside the window last night.",
+        "The restaurant served me a plate of cold noodles.",
+        "My cat did not come home yesterday evening.",
+        "I passed my driving test this afternoon.",
+        "The bank sent me a notice about my account.",
+        "My flight was changed to an earlier time.",
+        "I ran into my old teacher at the supermarket.",
+        "The power went out while I was cooking dinner.",
+        "My roommate ate the food I saved for lunch.",
+        "The interview lasted almost two hours.",
+        "I got a call from a number I did not know.",
+        "My parents are coming to visit this weekend.",
+        "There was a long line at the post office today.",
+        "My laptop shut down before I saved the file.",
+        "The bus driver took a different route this morning.",
+    ],
+    "zh": [
+        "今天早上房东给我发了条消息。",
+        "我姐姐下个月要搬到别的城市。",
+        "跟领导的会改到周五了。",
+        "昨天我在箱子里找到了以前的照片。",
+        "今天地铁在隧道里停了很久。",
+        "邻居又把车停在我家门口了。",
+        "我刚拆开学校寄来的信。",
+        "昨晚有人在我门口放了个包裹。",
+        "我的手机掉在地上，屏幕碎了。",
+        "医生打电话来说检查结果出来了。",
+        "我们组要在周一前做完整个项目。",
+        "我在车站碰到了大学时的好朋友。",
+        "厨房的水管今天早上又漏水了。",
+        "我弟弟借了我的车，还回来时多了个坑。",
+        "公司今天公布了新的排班表。",
+        "昨天晚上窗外有奇怪的声音。",
+        "餐厅给我上了一盘凉掉的面条。",
+        "我家的猫昨晚没有回来。",
+        "我今天下午通过了驾照考试。",
+        "银行给我寄了一份账户通知。",
+        "我的航班改到了更早的时间。",
+        "我在超市遇到了以前的老师。",
+        "我做饭的时候突然停电了。",
+        "室友把我留的午饭吃掉了。",
+        "今天的面试差不多有两个小时。",
+        "我接到一个陌生号码的电话。",
+        "我爸妈这个周末要来看我。",
+        "今天邮局排了很长的队。",
+        "我的电脑还没保存就关机了。",
+        "今天早上公交车换了路线。",
+    ],
+}
+HELD_OUT_SENTENCES = {  # only ever in test dialogues
+    "en": [
+        "I left my umbrella on the train this morning.",
+        "My cousin is getting married in the spring.",
+        "The landlord wants to raise the rent next year.",
+        "I found a note on my desk from my coworker.",
+        "The elevator in our building stopped working again.",
+        "My friend sent me a video from the concert.",
+        "The vet said my dog needs surgery.",
+        "Somebody scratched the side of my car in the parking lot.",
+    ],
+    "zh": [
+        "我今天把伞忘在地铁上了。",
+        "我表哥春天要结婚了。",
+        "房东说明年要涨房租。",
+        "同事在我桌上留了张纸条。",
+        "我们楼的电梯又坏了。",
+        "朋友给我发了一段演唱会的视频。",
+        "兽医说我的狗需要做手术。",
+        "有人在停车场把我的车划了。",
+    ],
+}
+QUESTIONS = {
+    "en": ["Looking back at our conversation, how did my emotions change?",
+           "Can you sum up how my emotions shifted while we talked?",
+           "How would you describe the way my emotions changed from start to finish?"],
+    "zh": ["回顾一下我们的对话，我的情绪是怎么变化的？",
+           "你能总结一下我刚才情绪的变化吗？",
+           "从开始到现在，我的情绪有什么变化？"],
+}
+REPLIES = {
+    "en": ["I see. What happened after that?", "Thanks for telling me. Please go on.",
+           "Okay, I am listening. Tell me more.", "What did you do next?", "Got it. How did it turn out?"],
+    "zh": ["我明白了，后来呢？", "谢谢你告诉我，接着说吧。", "好的，我在听，多说一点。",
+           "你接下来做了什么？", "知道了，结果怎么样？"],
+}
+# How the target names each emotion (words metrics.EMOTION_WORDS reads back).
+EMOTION_WORD = {
+    "en": {"happy": "happy", "sad": "sad", "anger": "angry", "fear": "afraid", "neutral": "neutral",
+           "surprise": "surprised", "disgust": "disgusted"},
+    "zh": {"happy": "开心", "sad": "难过", "anger": "生气", "fear": "害怕", "neutral": "平静",
+           "surprise": "惊讶", "disgust": "反感"},
+}
+
+
+@dataclass(frozen=True)
+class Speaker:
+    voice: str  # espeak-ng voice with variant, e.g. "en-gb+f3"
+    pitch_offset: int
+    rate_factor: float
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str
+    emotion: str
+    reply: str
+    audio_format: tuple[str, int, int]
+
+
+def trajectory_summary(emotions: list[str], language: str) -> str:
+    """The target: every turn's emotion named once, in order ("still X" when it did not change)."""
+    words = [EMOTION_WORD[language][e] for e in emotions]
+    if language == "zh":
+        parts = [f"你一开始很{words[0]}"]
+        for i in range(1, len(words)):
+            lead = "最后" if i == len(words) - 1 else "接着"
+            parts.append(f"{lead}依然{words[i]}" if emotions[i] == emotions[i - 1] else f"{lead}变得{words[i]}")
+        return "，".join(parts) + "。"
+    parts = [f"You started {words[0]}"]
+    for i in range(1, len(words)):
+        lead = "and ended up" if i == len(words) - 1 else "then"
+        parts.append(f"{lead} still {words[i]}" if emotions[i] == emotions[i - 1] else f"{lead} {words[i]}")
+    return ", ".join(parts) + "."
+
+
+class LabelCycle:
+    """Emotion labels in shuffled rounds of all seven: every emotion appears, and about equally often."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.pending: list[str] = []
+
+    def next(self) -> str:
+        if not self.pending:
+            self.pending = list(EMOTIONS)
+            self.rng.shuffle(self.pending)
+        return self.pending.pop()
+
+
+def make_speakers(rng: random.Random) -> dict[str, list[Speaker]]:
+    return {lang: [Speaker(f"{rng.choice(voices)}+{VARIANTS[i % len(VARIANTS)]}", rng.randint(-6, 6),
+                           rng.uniform(0.92, 1.08)) for i in range(SPEAKERS_PER_LANGUAGE)]
+            for lang, voices in VOICES.items()}
+
+
+def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_out: bool) -> list[Turn]:
+    """3-5 user turns: statements, then the question about the emotions; labels independent of the text."""
+    num_turns = rng.choice([3, 4, 5])
+    pool = SENTENCES[language] + (HELD_OUT_SENTENCES[language] if held_out else [])
+    statements = rng.sample(pool, num_turns - 1)
+    if held_out and not any(s in HELD_OUT_SENTENCES[language] for s in statements):
+        statements[rng.randrange(len(statements))] = rng.choice(HELD_OUT_SENTENCES[language])
+    texts = statements + [rng.choice(QUESTIONS[language])]
+    replies = rng.sample(REPLIES[language], num_turns)  # the last one is replaced by the target
+    return [Turn(text, labels.next(), reply, rng.choice(AUDIO_FORMATS)) for text, reply in zip(texts, replies)]
+
+
+def espeak(text: str, speaker: Speaker, emotion: str, language: str, rng: random.Random) -> tuple[np.ndarray, int]:
+    """espeak-ng speech of the text with the emotion's prosody, speaker offsets and a little per-turn jitter."""
+    pitch, rate, amplitude, pitch_range = PROSODY[emotion]
+    pitch = min(99, max(0, pitch + speaker.pitch_offset + rng.randint(-3, 3)))
+    rate = round(rate * speaker.rate_factor * RATE_FACTOR[language] * rng.uniform(0.96, 1.04))
+    ssml = f'<speak><prosody range="{pitch_range}">{escape(text)}</prosody></speak>'
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speech.wav"
+        subprocess.run(["espeak-ng", "-m", "-v", speaker.voice, "-p", str(pitch), "-s", str(rate),
+                        "-a", str(amplitude), "-w", str(out), ssml], check=True, capture_output=True)
+        wav, rate_hz = sf.read(str(out), dtype="float32")
+    return wav, rate_hz
+
+
+def trim_silence(wav: np.ndarray, rate: int) -> np.ndarray:
+    """Drops espeak's leading and trailing silence but a short margin: smaller files, same speech."""
+    _, (start, end) = librosa.effects.trim(wav, top_db=TRIM_TOP_DB)
+    margin = round(TRIM_MARGIN_S * rate)
+    return wav[max(0, start - margin):end + margin]
+
+
+def write_audio(path: Path, wav: np.ndarray, rate: int, audio_format: tuple[str, int, int]) -> None:
+    """Resamples to the format's rate; a stereo file gets a quieter copy in the right channel."""
+    extension, target_rate, channels = audio_format
+    if target_rate != rate:
+        wav = soxr.resample(wav, rate, target_rate)
+    if channels == 2:
+        wav = np.stack([wav, 0.7 * wav], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"compression_level": OGG_COMPRESSION} if extension == "ogg" else {}
+    sf.write(str(path), np.clip(wav, -1.0, 1.0), target_rate, **options)
+
+
+def build(out: Path, num_dialogues: int, test_fraction: float, seed: int) -> None:
+    rng = random.Random(seed)
+    shutil.rmtree(out / "audio", ignore_errors=True)  # regenerated in full: no stale files of older runs
+    speakers = make_speakers(rng)
+    num_test = max(1, round(num_dialogues * test_fraction))
+    labels = {"train": LabelCycle(random.Random(seed + 1)), "test": LabelCycle(random.Random(seed + 2))}
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for index in range(num_dialogues):
+        split = "test" if index >= num_dialogues - num_test else "train"
+        language = ("en", "zh")[index % 2]
+        speaker_index = rng.randrange(SPEAKERS_PER_LANGUAGE)
+        speaker = speakers[language][speaker_index]
+        dialogue_id = f"{language}_{speaker_index + 1:04d}_{index + 1:04d}"
+        turns = plan_dialogue(rng, labels[split], language, held_out=split == "test")
+        record_turns = []
+        for n, turn in enumerate(turns, start=1):
+            relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{turn.audio_format[0]}"
+            wav, rate = espeak(turn.text, speaker, turn.emotion, language, rng)
+            write_audio(out / relative, trim_silence(wav, rate), rate, turn.audio_format)
+            record_turns.append({"turn_id": n, "text": turn.text, "emotion": turn.emotion,
+                                 "split_audio_file": relative, "response_text": turn.reply})
+        record_turns[-1]["response_text"] = trajectory_summary([t.emotion for t in turns], language)
+        lines[split].append(json.dumps({"dialogue_id": dialogue_id, "turns": record_turns}, ensure_ascii=False))
+    for split, split_lines in lines.items():
+        (out / f"HD-Track1-T1-{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
+    out = Path(os.path.relpath(out))  # the annotations' "source" fields and reports stay free of local paths
+    convert.convert([out / "HD-Track1-T1-train.jsonl"], out / "ann", valid_ratio=0.15, seed=seed)
+    convert.convert([out / "HD-Track1-T1-test.jsonl"], out / "ann", name="test")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "demo")
+    parser.add_argument("--num-dialogues", type=int, default=40)
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of held-out test dialogues")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build(args.out, args.num_dialogues, args.test_fraction, args.seed)
+    print(f"wrote {args.num_dialogues} dialogues to {args.out} (annotations in {args.out / 'ann'})")
+
+
+if __name__ == "__main__":
+    main()
