@@ -356,14 +356,20 @@ class SALMONN(nn.Module):
             windows = windows.permute(0, 1, 3, 2).reshape(C * L, kernel, D)
         else:
             L, windows = 1, speech
-        query = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
-        out = self.speech_Qformer(query_embeds=query, encoder_hidden_states=windows).last_hidden_state
-        embeds = self.speech_llama_proj(out).reshape(C, L * query.shape[1], -1)  # [C, T_speech, D_llm]
-        atts = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        Q = self.speech_query_tokens.shape[1]
+        keep = torch.ones(C, L, dtype=torch.bool, device=speech.device)
         if self.cfg["trim_speech_padding"] and audio_padding_mask is not None and self.cfg["window_level_Qformer"]:
             windows_kept = self.num_windows((~audio_padding_mask).sum(-1), T / seconds, stride, L)  # [C]
-            atts = (torch.arange(L, device=embeds.device) < windows_kept[:, None]).long()
-            atts = atts.repeat_interleave(query.shape[1], dim=1)
+            keep = torch.arange(L, device=speech.device) < windows_kept[:, None]  # [C, L]
+        # The Q-Former runs on the kept windows only; dropped ones (Whisper's zero-padding) get zeros, masked out.
+        kept = windows[keep.reshape(-1)]
+        query = self.speech_query_tokens.expand(kept.shape[0], -1, -1)
+        out = self.speech_Qformer(query_embeds=query, encoder_hidden_states=kept).last_hidden_state
+        projected = self.speech_llama_proj(out)  # [kept, Q, D_llm]
+        embeds = projected.new_zeros(C * L, Q, projected.shape[-1])
+        embeds[keep.reshape(-1)] = projected
+        embeds = embeds.reshape(C, L * Q, -1)  # [C, T_speech, D_llm]
+        atts = keep.long().repeat_interleave(Q, dim=1)
         return embeds, atts
 
     @staticmethod
