@@ -14,6 +14,8 @@ prompt_template (a key given in `datasets:` wins):
       text_inputs: audio       # audio (default; the challenge's test set gives only the user's audio)
                                # | audio+transcript | audio+transcript+replies (earlier assistant replies)
       concat_gap_s: 0.5        # silence between turns in concat mode
+      silence_audio: false     # ablation: every clip replaced by zeros of the same length (what can the model
+                               #   learn without hearing anything? see README "Does it listen?")
 
 Training ("train" split) draws a prompt at random from prompt_path, seeded by (seed, epoch, index) so that a
 resumed run sees the same prompts: call `dataset.set_epoch(epoch)` before each epoch (with non-persistent
@@ -173,7 +175,8 @@ class SalmonnDataset(Dataset):
 
     def __init__(self, annotation: list[dict], feature_extractor: WhisperFeatureExtractor,
                  prompts: dict[str, list[str]], *, training: bool, turn_mode: str = "per_turn",
-                 text_inputs: str = "audio", concat_gap_s: float = 0.5, seed: int = 0):
+                 text_inputs: str = "audio", concat_gap_s: float = 0.5, silence_audio: bool = False,
+                 seed: int = 0):
         if turn_mode not in TURN_MODES:
             raise ValueError(f"datasets.turn_mode must be one of {', '.join(TURN_MODES)}, got {turn_mode!r}")
         if text_inputs not in TEXT_INPUTS:
@@ -188,6 +191,7 @@ class SalmonnDataset(Dataset):
         self.turn_mode = turn_mode
         self.text_inputs = text_inputs
         self.concat_gap_samples = round(concat_gap_s * SAMPLE_RATE)
+        self.silence_audio = silence_audio
         self.seed = seed
         self.epoch = 0
         self.concat_cuts = 0
@@ -207,6 +211,8 @@ class SalmonnDataset(Dataset):
         entry = self.annotation[index]
         rng = self.prompt_rng(index)
         item = self.dialogue_item(entry, rng) if is_dialogue(entry) else self.single_clip_item(entry, rng)
+        if self.silence_audio:
+            item["clips"] = [np.zeros_like(clip) for clip in item["clips"]]
         item["spectrogram"] = log_mel(item["clips"], self.feature_extractor)
         return item
 
@@ -336,6 +342,7 @@ def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *,
         turn_mode=_setting("turn_mode", sections, "per_turn"),
         text_inputs=_setting("text_inputs", sections, "audio"),
         concat_gap_s=float(_setting("concat_gap_s", sections, 0.5)),
+        silence_audio=bool(_setting("silence_audio", sections, False)),
         seed=seed,
     )
 
