@@ -1,7 +1,5 @@
 """Metrics on cases small enough to compute by hand."""
 
-import math
-
 import pytest
 import sacrebleu
 
@@ -114,4 +112,3 @@ def test_trajectory_does_not_collapse_repeats():
     scores = metrics.emotion_trajectory_scores([["sad", "sad", "happy"]], ["They stayed sad, then got happy."])
     assert scores.exact_match == 0.0
     assert scores.turn_accuracy == pytest.approx(100 / 3)
-    assert not math.isnan(scores.turn_accuracy)

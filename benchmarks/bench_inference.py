@@ -1,0 +1,228 @@
+"""Inference speed and memory of SALMONN: time to first token, time per output token, peak memory and batched
+throughput, for 10 s and 30 s of audio.
+
+    python benchmarks/bench_inference.py                                   # tiny demo model, CPU
+    python benchmarks/bench_inference.py --cfg-path configs/finetune_humdial.yaml --device cuda --new-tokens 64
+
+What is timed (wall clock, the fastest of --repeats runs after one warm-up: interference from other processes
+only ever adds time, so the fastest run is the best estimate of the cost, as Python's timeit advises; the device
+is synchronised before and after every timed phase, so GPU work queued asynchronously is counted where it
+belongs):
+- encode: Whisper + BEATs + Q-Former + projection for one clip (`encode_speech`).
+- TTFT: from calling generate to the first new token: encoders, prompt assembly, prefill, first sampling step.
+- TPOT: (time of the last token - time of the first) / (tokens - 1), over a whole generation of --new-tokens
+  tokens (end-of-answer is suppressed so every run generates exactly that many).
+- answers/s: batch size / time of one generate call over the batch (same forced length).
+- peak memory: CUDA `max_memory_allocated` on GPU; on CPU the peak resident set size of the process, sampled
+  every 5 ms during one extra, untimed run of the batch.
+Log-mel extraction and audio loading happen before timing (benchmarks/bench_data.py covers them). Audio is
+random noise: speed does not depend on the content, and Whisper pads every clip to 30 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cli_inference import (add_model_arguments, autocast_for, generation_settings, load_inference_config,  # noqa: E402
+                           load_model, resolve_device, without_unused_sampling)
+from dataset_v1 import SAMPLE_RATE, load_feature_extractor, make_batch  # noqa: E402
+
+PROMPT = "Describe the emotion of the speaker."
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TokenClock:
+    """A generate() streamer that only notes when each new token arrives (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak on GPU, sampled process RSS on CPU (bytes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+def noise_batch(feature_extractor, seconds: float, template: str, batch_size: int, folder: Path) -> dict[str, Any]:
+    """`batch_size` samples of `seconds` of noise with the same prompt, built as the CLI builds its batch."""
+    path = folder / f"noise_{seconds:g}s.wav"
+    rng = np.random.default_rng(0)
+    sf.write(path, rng.normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE)
+    one = make_batch([str(path)], PROMPT, feature_extractor, template=template)
+    if len(one["speech_slots"][0][0]) != 1:
+        raise ValueError("use --durations of at most 30 s: one clip per sample keeps the batch simple")
+    repeat = {k: v.repeat(batch_size, *[1] * (v.dim() - 1)) for k, v in one.items() if torch.is_tensor(v)}
+    lists = {k: v * batch_size for k, v in one.items() if isinstance(v, list) and k != "speech_slots"}
+    return {**repeat, **lists, "speech_slots": [[[b]] for b in range(batch_size)]}
+
+
+def fastest_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, Any], repeats: int,
+                              device: torch.device) -> tuple[float, float]:
+    """Fastest TTFT and TPOT (seconds) over batch-size-1 greedy generations of a fixed length."""
+    ttfts, tpots = [], []
+    for attempt in range(repeats + 1):  # the first is a warm-up
+        clock = TokenClock(device)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast_for(model):
+            model.generate(batch, settings, streamer=clock)
+        if len(clock.times) != settings["max_new_tokens"]:
+            raise RuntimeError(f"expected {settings['max_new_tokens']} tokens, timed {len(clock.times)}")
+        if attempt:
+            ttfts.append(clock.times[0] - start)
+            tpots.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
+    return min(ttfts), min(tpots)
+
+
+def bench_duration(model, feature_extractor, template: str, seconds: float, batch_sizes: list[int],
+                   settings: dict[str, Any], repeats: int, device: torch.device, folder: Path) -> dict[str, Any]:
+    single = {k: v.to(device) if torch.is_tensor(v) else v
+              for k, v in noise_batch(feature_extractor, seconds, template, 1, folder).items()}
+
+    def encode() -> None:
+        with torch.no_grad(), autocast_for(model):
+            model.encode_speech(single["spectrogram"], single["raw_wav"], single["padding_mask"])
+
+    ttft, tpot = first_token_and_per_token(model, single, settings, repeats, device)
+    result: dict[str, Any] = {"audio_s": seconds, "encode_ms": 1e3 * fastest_seconds(encode, device, repeats),
+                              "ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * tpot, "batches": {}}
+    for batch_size in batch_sizes:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v
+                 for k, v in noise_batch(feature_extractor, seconds, template, batch_size, folder).items()}
+
+        def generate() -> None:
+            with autocast_for(model):
+                model.generate(batch, settings)
+
+        elapsed = fastest_seconds(generate, device, repeats)
+        with PeakMemory(device) as memory:  # an untimed run: the CPU sampler thread would slow the timed ones
+            generate()
+        result["batches"][batch_size] = {"answers_per_s": batch_size / elapsed, "peak_mem_mb": memory.peak / 2**20}
+    return result
+
+
+def format_table(results: list[dict[str, Any]], device: torch.device) -> str:
+    memory = "peak GPU alloc" if device.type == "cuda" else "peak RSS"
+    lines = [f"{'audio':>6} {'encode':>9} {'TTFT':>9} {'TPOT':>9} {'batch':>6} {'answers/s':>10} "
+             f"{memory + ' (MB)':>20}"]
+    for r in results:
+        for i, (batch_size, b) in enumerate(r["batches"].items()):
+            head = (f"{r['audio_s']:>5g}s {r['encode_ms']:>7.1f}ms {r['ttft_ms']:>7.1f}ms {r['tpot_ms']:>7.2f}ms"
+                    if i == 0 else " " * 39)
+            lines.append(f"{head} {batch_size:>6} {b['answers_per_s']:>10.2f} {b['peak_mem_mb']:>20.0f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0], help="audio seconds (<= 30)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the fastest is kept), after a warm-up")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cfg = load_inference_config(args.cfg_path, args.options)
+    model = load_model(cfg, device, args.lora_scaling)
+    feature_extractor = load_feature_extractor(cfg.get("datasets", {}).get("whisper_path") or cfg.model.whisper_path)
+    # Greedy and exactly --new-tokens tokens: comparable runs, whatever the weights say.
+    settings = without_unused_sampling({**generation_settings(cfg.generate, args), "num_beams": 1,
+                                        "do_sample": False, "max_new_tokens": args.new_tokens,
+                                        "min_new_tokens": args.new_tokens})
+    settings.pop("min_length", None)  # min_new_tokens decides
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_duration(model, feature_extractor, cfg.model.prompt_template, seconds, args.batch_sizes,
+                                  settings, args.repeats, device, Path(tmp)) for seconds in args.durations]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"SALMONN inference, {name}, LLM {cfg.model.llama_path} ({cfg.model.torch_dtype}), "
+          f"{args.new_tokens} new tokens, fastest of {args.repeats} runs")
+    print(format_table(results, device))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "settings": settings, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
