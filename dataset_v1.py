@@ -49,7 +49,7 @@ from prompting import (DEFAULT_TEMPLATE, SPEECH_SLOT, PromptError, TurnText, cho
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window
+MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # Whisper-large-v2's window; a dataset takes its feature extractor's
 MIN_CLIP_SAMPLES = SAMPLE_RATE  # shorter clips are zero-padded, as the original (BEATs needs a few frames)
 EXPAND_WAV_GAP_SAMPLES = 1600  # the original's silence between `expand_wav` files
 TURN_MODES = ("per_turn", "concat")
@@ -87,11 +87,12 @@ def pad_to_min(wav: np.ndarray) -> np.ndarray:
     return np.pad(wav, (0, max(0, MIN_CLIP_SAMPLES - len(wav))))
 
 
-def split_clips(wav: np.ndarray) -> list[np.ndarray]:
-    """Consecutive <= 30 s clips covering every sample (the last one padded to >= 1 s)."""
+def split_clips(wav: np.ndarray, max_samples: int = MAX_CLIP_SAMPLES) -> list[np.ndarray]:
+    """Consecutive clips of at most the encoder's window (30 s for Whisper) covering every sample (the last one
+    padded to >= 1 s)."""
     if len(wav) == 0:
         raise AudioError("cannot split empty audio into clips")
-    clips = [wav[start:start + MAX_CLIP_SAMPLES] for start in range(0, len(wav), MAX_CLIP_SAMPLES)]
+    clips = [wav[start:start + max_samples] for start in range(0, len(wav), max_samples)]
     clips[-1] = pad_to_min(clips[-1])
     return clips
 
@@ -192,6 +193,7 @@ class SalmonnDataset(Dataset):
         self.text_inputs = text_inputs
         self.concat_gap_samples = round(concat_gap_s * SAMPLE_RATE)
         self.silence_audio = silence_audio
+        self.max_clip_samples = feature_extractor.n_samples  # the encoder's window: 30 s for Whisper
         self.seed = seed
         self.epoch = 0
         self.concat_cuts = 0
@@ -219,7 +221,7 @@ class SalmonnDataset(Dataset):
     def single_clip_item(self, entry: dict, rng: random.Random | None) -> dict:
         """Original format: the file (plus `expand_wav` files, 0.1 s apart) in one slot, never cut at 30 s."""
         wavs = [load_audio(p) for p in [entry["path"], *entry["expand_wav"]]]
-        clips = split_clips(join_with_gaps(wavs, EXPAND_WAV_GAP_SAMPLES))
+        clips = split_clips(join_with_gaps(wavs, EXPAND_WAV_GAP_SAMPLES), self.max_clip_samples)
         language = entry.get("language", "")
         prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language),
                                entry.get("Q", ""), rng)
@@ -234,7 +236,7 @@ class SalmonnDataset(Dataset):
         question = entry.get("Q", "") if shows_transcripts else ""  # audio only: the question stays in speech
         prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language), question, rng)
         if self.turn_mode == "per_turn":
-            clips, slots = per_turn_clips(wavs)
+            clips, slots = per_turn_clips(wavs, self.max_clip_samples)
             prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
         else:
             clips, slots = [self.concatenated(wavs, entry["id"])], [[0]]
@@ -252,22 +254,24 @@ class SalmonnDataset(Dataset):
     def concatenated(self, wavs: list[np.ndarray], dialogue_id: str) -> np.ndarray:
         """The original fine-tune's input: turns joined by silence, cut at 30 s (cuts are counted and logged)."""
         joined = join_with_gaps(wavs, self.concat_gap_samples)
-        if len(joined) > MAX_CLIP_SAMPLES:
+        if len(joined) > self.max_clip_samples:
             self.concat_cuts += 1
-            log.warning("turn_mode concat: dialogue %s has %.1f s of audio, cut to 30 s (%d dialogue(s) cut so "
-                        "far in this process)", dialogue_id, len(joined) / SAMPLE_RATE, self.concat_cuts)
-        return pad_to_min(joined[:MAX_CLIP_SAMPLES])
+            log.warning("turn_mode concat: dialogue %s has %.1f s of audio, cut to %.0f s (%d dialogue(s) cut so "
+                        "far in this process)", dialogue_id, len(joined) / SAMPLE_RATE,
+                        self.max_clip_samples / SAMPLE_RATE, self.concat_cuts)
+        return pad_to_min(joined[:self.max_clip_samples])
 
     def collater(self, items: list[dict]) -> dict[str, Any]:
         return collate(items)
 
 
-def per_turn_clips(wavs: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[int]]]:
+def per_turn_clips(wavs: list[np.ndarray],
+                   max_samples: int = MAX_CLIP_SAMPLES) -> tuple[list[np.ndarray], list[list[int]]]:
     """All turns' clips, and per turn the indices of its clips (several when a turn is longer than 30 s)."""
     clips: list[np.ndarray] = []
     slots: list[list[int]] = []
     for wav in wavs:
-        turn_clips = split_clips(wav)
+        turn_clips = split_clips(wav, max_samples)
         slots.append(list(range(len(clips), len(clips) + len(turn_clips))))
         clips.extend(turn_clips)
     return clips, slots
@@ -360,7 +364,7 @@ def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeat
         question, full_prompt = "", prompt
     else:
         question, full_prompt = prompt, question_prompt(prompt, len(wav_paths), template, language)
-    clips, slots = per_turn_clips([load_audio(p) for p in wav_paths])
+    clips, slots = per_turn_clips([load_audio(p) for p in wav_paths], feature_extractor.n_samples)
     item = {"clips": clips, "slots": slots, "spectrogram": log_mel(clips, feature_extractor),
             "prompt": full_prompt, "text": "", "task": task, "Q": question, "id": "+".join(map(str, wav_paths)),
             "language": language, "emotions": []}

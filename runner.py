@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from accelerate.data_loader import SkipBatchSampler
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler, Subset
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils import (
     DistInfo,
@@ -127,9 +127,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The SALMONN module inside a DDP/FSDP wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def _every(step: int, period: int) -> bool:
+    """True every `period` steps (never for period 0)."""
+    return period > 0 and step % period == 0
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:
@@ -193,27 +193,31 @@ class Runner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._check_run_config()
 
-        self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.run_cfg.optims.weight_decay),
-            lr=self.run_cfg.optims.init_lr,
-            betas=(self.run_cfg.optims.beta1, self.run_cfg.optims.beta2),
-        )
         self.iters_per_epoch = self._iters_per_epoch()
         self.total_steps = self.run_cfg.optims.max_epoch * self.iters_per_epoch
-        optims = self.run_cfg.optims
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine_lr(step, self.total_steps, optims.warmup_steps, optims.warmup_start_lr,
-                                          optims.init_lr, optims.min_lr) / optims.init_lr,
-        )
         self.step = 0
         self.skipped_steps = 0
         self.best = {"metric": self.run_cfg.best_metric, "value": None, "step": None}
         self.data_position = {"epoch": 0, "batch": 0}
         self.rng_restored = False
-        self.wrapped = self._wrap(self.model)
         self.writer = None
+
+        self.model = model.to(self.device)
+        self.resume_path = resolve_resume(self.run_cfg.resume, self.output_dir)
+        checkpoint = self._read_checkpoint(self.resume_path) if self.resume_path else None
+        if checkpoint is not None:  # weights go in before wrapping: FSDP then shards the resumed weights
+            self.model.load_trainable_state_dict(checkpoint["model"], source=str(self.resume_path))
+        self.wrapped = self._wrap(self.model)
+        optims = self.run_cfg.optims
+        self.optimizer = torch.optim.AdamW(param_groups(self.wrapped, optims.weight_decay), lr=optims.init_lr,
+                                           betas=(optims.beta1, optims.beta2), eps=optims.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine_lr(step, self.total_steps, optims.warmup_steps, optims.warmup_start_lr,
+                                          optims.init_lr, optims.min_lr) / optims.init_lr,
+        )
+        if checkpoint is not None:
+            self._restore_training_state(checkpoint)
 
     # ---------------------------------------------------------------- setup
     def _check_run_config(self) -> None:
@@ -222,15 +226,11 @@ class Runner:
             raise ValueError("run.accum_grad_iters, run.batch_size_train and run.batch_size_eval must be >= 1")
         if run.keep_last < 1:
             raise ValueError("run.keep_last must be >= 1 (resume needs the latest checkpoint)")
-        if run.nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"run.nonfinite_loss must be 'stop' or 'skip', got '{run.nonfinite_loss}'")
-        if run.best_metric_mode not in ("max", "min"):
-            raise ValueError(f"run.best_metric_mode must be 'max' or 'min', got '{run.best_metric_mode}'")
         if run.fsdp and not self.dist.distributed:
             raise ValueError("run.fsdp: true needs several processes (start with torchrun --nproc_per_node N)")
 
     def _iters_per_epoch(self) -> int:
-        if not self.run_cfg.epoch_based:
+        if not self.run_cfg.epoch_based or "train" not in self.datasets:  # (run.evaluate has no train split)
             return self.run_cfg.iters_per_epoch
         batches = len(self._train_loader(0, 0))
         steps = batches // self.run_cfg.accum_grad_iters
@@ -294,6 +294,7 @@ class Runner:
         share = Subset(dataset, indices[self.dist.rank:: self.dist.world_size])
         return DataLoader(share, sampler=SequentialSampler(share), batch_size=self.run_cfg.batch_size_eval,
                           collate_fn=dataset.collater, num_workers=self.run_cfg.num_workers,
+                          generator=torch.Generator().manual_seed(self.run_cfg.seed),
                           pin_memory=self.device.type == "cuda")
 
     # ---------------------------------------------------------------- one optimizer step
@@ -317,7 +318,7 @@ class Runner:
         loss_sum, tokens, correct, samples = totals.tolist()
         loss = loss_sum / max(tokens, 1.0)
         if not math.isfinite(loss):
-            return self._nonfinite(loss, int(tokens), int(samples))
+            return self._nonfinite(f"loss ({loss})", loss, int(tokens), int(samples))
 
         self.scaler.unscale_(self.optimizer)
         # DDP/FSDP average gradients over ranks: times world size over the step's tokens gives sum / tokens.
@@ -326,25 +327,28 @@ class Runner:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(factor)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.run_cfg.grad_clip or float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.run_cfg.grad_clip or float("inf")))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # (fp16: the scaler skips the step)
+            return self._nonfinite(f"gradient norm ({grad_norm})", loss, int(tokens), int(samples))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(loss=loss, acc=correct / max(tokens, 1.0), tokens=int(tokens), samples=int(samples),
-                          grad_norm=float(grad_norm), skipped=False)
+                          grad_norm=grad_norm, skipped=False)
 
-    def _nonfinite(self, loss: float, tokens: int, samples: int) -> StepResult:
+    def _nonfinite(self, what: str, loss: float, tokens: int, samples: int) -> StepResult:
+        """Stop (run.nonfinite_loss: stop) or skip the step, before any weight changes."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.run_cfg.nonfinite_loss == "stop":
             latest = step_checkpoints(self.output_dir)
             last_good = f"{latest[-1][1]}" if latest else "none written yet"
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at step {self.step + 1}; training stopped before the update, so the "
+                f"non-finite {what} at step {self.step + 1}; training stopped before the update, so the "
                 f"weights are unchanged. Last good checkpoint: {last_good}. Try a lower run.optims.init_lr, "
                 f"run.precision: bf16 or fp32, or run.nonfinite_loss: skip to skip such steps.")
         self.skipped_steps += 1
-        log.warning("non-finite loss (%s) at step %d: step skipped (%d skipped so far)", loss, self.step + 1,
+        log.warning("non-finite %s at step %d: step skipped (%d skipped so far)", what, self.step + 1,
                     self.skipped_steps)
         self.scheduler.step()
         return StepResult(loss=loss, acc=0.0, tokens=tokens, samples=samples, grad_norm=float("nan"), skipped=True)
@@ -354,10 +358,7 @@ class Runner:
         """Train to max_epoch * iters_per_epoch steps, validating and checkpointing on the way."""
         if "train" not in self.datasets:
             raise ValueError("training needs datasets.train_ann_path")
-        resume = resolve_resume(self.run_cfg.resume, self.output_dir)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        elif self.run_cfg.resume == "auto":
+        if self.resume_path is None and self.run_cfg.resume == "auto":
             log.info("run.resume=auto: no checkpoint in %s, starting from scratch", self.output_dir)
         if not self.rng_restored:
             seed_everything(self.run_cfg.seed + self.dist.rank)
@@ -369,6 +370,13 @@ class Runner:
                  "x %d processes), precision %s, output %s", self.total_steps, self.run_cfg.optims.max_epoch,
                  self.iters_per_epoch, per_step, self.run_cfg.batch_size_train, self.run_cfg.accum_grad_iters,
                  self.dist.world_size, self.amp_dtype or "fp32", self.output_dir)
+        with logging_redirect_tqdm():
+            last_valid = self._train_loop(stream)
+        self._close_logs()
+        return {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps, "valid": last_valid}
+
+    def _train_loop(self, stream: BatchStream) -> dict[str, float]:
+        """Steps until total_steps; returns the last validation metrics."""
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
                    dynamic_ncols=True)
         last_valid: dict[str, float] = {}
@@ -383,15 +391,14 @@ class Runner:
             self._log_step(result, lr, seconds, bar)
 
             end_of_epoch = self.step % self.iters_per_epoch == 0
-            every = self.run_cfg.valid_every_steps
-            if end_of_epoch or (every and self.step % every == 0):
-                last_valid = self.validate()
-            save_every = self.run_cfg.save_every_steps
-            if end_of_epoch or (save_every and self.step % save_every == 0):
-                self.save_checkpoint(last_valid if (end_of_epoch or every) else {})
+            valid: dict[str, float] = {}
+            if end_of_epoch or _every(self.step, self.run_cfg.valid_every_steps):
+                valid = self.validate()
+                last_valid = valid or last_valid
+            if end_of_epoch or valid or _every(self.step, self.run_cfg.save_every_steps):
+                self.save_checkpoint(valid)
         bar.close()
-        self._close_logs()
-        return {"step": self.step, "best": self.best, "skipped_steps": self.skipped_steps, "valid": last_valid}
+        return last_valid
 
     # ---------------------------------------------------------------- logging
     def _open_logs(self) -> None:
@@ -452,7 +459,7 @@ class Runner:
         if "valid" not in self.datasets:
             return {}
         log.info("validating at step %d", self.step)
-        model = self.wrapped if self.run_cfg.fsdp else unwrap(self.wrapped)
+        model = self.model  # under DDP: the bare module (no gradient sync); under FSDP: the sharded model
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self._eval_loader("valid"):
@@ -474,13 +481,15 @@ class Runner:
         return metrics
 
     @torch.no_grad()
-    def decode(self, split: str, limit: int = 0) -> list[dict[str, str]]:
-        """Greedy/beam decode a split with the `generate:` settings: [{id, task, prompt, prediction, reference}]
-        in dataset order on rank 0 (an empty list on the other ranks)."""
-        model = unwrap(self.wrapped)
+    def decode(self, split: str, limit: int = 0) -> list[dict[str, Any]]:
+        """Decode a split with the `generate:` settings: [{id, task, prompt, prediction, reference, language,
+        emotions}] in dataset order on rank 0 (an empty list on the other ranks)."""
+        model = self.model
         model.eval()
-        generate_cfg = config_to_dict(self.cfg.generate)
-        records: list[dict[str, str]] = []
+        from cli_inference import without_unused_sampling
+
+        generate_cfg = without_unused_sampling(config_to_dict(self.cfg.generate))
+        records: list[dict[str, Any]] = []
         loader = self._eval_loader(split, limit)
         for batch in tqdm(loader, desc=f"decode {split}", disable=not self.dist.is_main, dynamic_ncols=True):
             prompts = list(batch["prompt"]) if batch.get("prompt") is not None else model._prompts_for(batch)
@@ -488,7 +497,9 @@ class Runner:
                 predictions = model.generate(batch, generate_cfg, prompts=prompts)
             for i, prediction in enumerate(predictions):
                 records.append({"id": batch["id"][i], "task": batch["task"][i], "prompt": prompts[i],
-                                "prediction": prediction, "reference": batch["text"][i]})
+                                "prediction": prediction, "reference": batch["text"][i],
+                                "language": batch.get("language", [""] * len(predictions))[i],
+                                "emotions": batch.get("emotions", [[]] * len(predictions))[i]})
         shards = gather_objects(records)
         if not self.dist.is_main:
             return []
@@ -505,7 +516,8 @@ class Runner:
         return _Unsharded(self.wrapped)
 
     def evaluate(self, split: str = "test") -> Path:
-        """Decode a split to <output_dir>/predictions_<split>.json (run.evaluate: true)."""
+        """Decode a split to <output_dir>/predictions_<split>.json and its task metrics (when it has references)
+        to scores_<split>.json (run.evaluate: true)."""
         if split not in self.datasets:
             raise ValueError(f"run.evaluate needs datasets.{split}_ann_path")
         records = self.decode(split)
@@ -513,17 +525,28 @@ class Runner:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-            log.info("wrote %d predictions to %s", len(records), path)
+            scores = score_records(records)
+            (self.output_dir / f"scores_{split}.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
+            log.info("wrote %d predictions to %s; scores: %s", len(records), path,
+                     ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "none (no references)")
         barrier()
         return path
 
     # ---------------------------------------------------------------- checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trained tensors under the original SALMONN names, on CPU (gathered from the shards under FSDP)."""
+        """Trained tensors under the original SALMONN names, on CPU. Under FSDP every rank takes part in the
+        gather and only rank 0 gets the tensors."""
         if not self.run_cfg.fsdp:
-            return {k: v.cpu() for k, v in unwrap(self.wrapped).trainable_state_dict().items()}
-        with _Unsharded(self.wrapped):
             return {k: v.cpu() for k, v in self.model.trainable_state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from models.salmonn import to_original_name
+
+        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return {}
+        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        return {to_original_name(name): full[name] for name in trained}
 
     def _optimizer_state(self) -> dict[str, Any]:
         if not self.run_cfg.fsdp:
@@ -540,7 +563,7 @@ class Runner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(self.wrapped, self.optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+                                 options=StateDictOptions(full_state_dict=True))
 
     def save_checkpoint(self, valid_metrics: dict[str, float]) -> None:
         """Write checkpoint_step<N>.pth (and checkpoint_best.pth when the best metric improved); keep the last
@@ -587,15 +610,19 @@ class Runner:
             self.best = {"metric": name, "value": value, "step": self.step}
         return better
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore everything a checkpoint holds, so training continues exactly where it stopped."""
-        log.info("resuming from %s", path)
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict[str, Any]:
+        log.info("reading checkpoint %s", path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if self.run_cfg.fsdp:
-            with _Unsharded(self.wrapped, writeback=True):
-                self.model.load_trainable_state_dict(ckpt["model"], source=str(path))
-        else:
-            unwrap(self.wrapped).load_trainable_state_dict(ckpt["model"], source=str(path))
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step", "rng", "data_position")
+                   if k not in ckpt]
+        if missing:
+            raise KeyError(f"{path} cannot resume training: it lacks {missing} (a weights-only checkpoint such as "
+                           f"salmonn_v1.pth goes in model.ckpt instead)")
+        return ckpt
+
+    def _restore_training_state(self, ckpt: dict[str, Any]) -> None:
+        """Optimizer, schedule, scaler, counters, data position and RNG: everything beyond the weights."""
         self._load_optimizer_state(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -607,27 +634,35 @@ class Runner:
             set_rng_state(ckpt["rng"][self.dist.rank])
             self.rng_restored = True
         else:
-            log.warning("checkpoint was written by %d processes, this run has %d: data position and RNG streams "
+            log.warning("checkpoint was written by %d processes, this run has %d: data order and RNG streams "
                         "differ from an uninterrupted run", ckpt["world_size"], self.dist.world_size)
-        log.info("resumed at step %d (epoch %d, data epoch %d batch %d)", self.step, ckpt["epoch"],
+        log.info("resumed at step %d (epoch %d, data epoch %d, batch %d)", self.step, ckpt["epoch"],
                  self.data_position["epoch"], self.data_position["batch"])
 
 
 class _Unsharded:
-    """Context in which an FSDP2 model holds its full parameters (for generate() and checkpoint I/O)."""
+    """FSDP2: every shard unit holds its full parameters and keeps them across forward calls. generate() needs
+    this: it bypasses the root's forward(), and ranks stop after different numbers of tokens, so per-layer
+    all-gathers inside it would not line up across ranks."""
 
-    def __init__(self, model: nn.Module, writeback: bool = False):
-        self.model, self.writeback = model, writeback
+    def __init__(self, model: nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def __enter__(self) -> None:
-        self.model.unshard()
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
 
     def __exit__(self, *exc: Any) -> None:
-        self.model.reshard()
+        for unit in self.units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
-def score_records(records: list[dict[str, str]]) -> dict[str, float]:
-    """Task metrics of decoded validation records (the inference scripts' scorer)."""
+def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Task metrics of decoded records, `{task}/{language}/{metric}` -> % (evaluate.py's scorer)."""
     from evaluate import score_predictions
 
     return score_predictions(records)

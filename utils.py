@@ -67,13 +67,20 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "low_resource": False,
         "torch_dtype": "float32",
         "lora_scaling": None,
+        "trim_speech_padding": False,  # drop the speech tokens of Whisper's 30 s zero-padding
     },
     "datasets": {
-        "prefix": "",  # joined in front of relative audio paths in the annotation files
-        "train_ann_path": "",
+        "train_ann_path": "",  # annotation JSON written by convert.py (relative audio paths: its folder)
         "valid_ann_path": "",
         "test_ann_path": "",
-        "whisper_path": None,  # feature-extractor config; None = model.whisper_path
+        "turn_mode": "per_turn",  # per_turn: one <SpeechHere> slot per user turn | concat: the original fine-tune
+        "text_inputs": "audio",  # audio | audio+transcript | audio+transcript+replies
+        "concat_gap_s": 0.5,  # silence between turns in concat mode
+        # None = the model section's value
+        "whisper_path": None,
+        "prompt_path": None,
+        "test_prompt_path": None,
+        "prompt_template": None,
     },
     "run": {
         "seed": 42,
@@ -107,6 +114,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
             "weight_decay": 0.05,
             "beta1": 0.9,
             "beta2": 0.999,
+            "eps": 1e-8,
         },
     },
     "generate": {
@@ -130,25 +138,41 @@ RETIRED: dict[str, str] = {
     "run.gpu": "torchrun sets LOCAL_RANK; remove the key",
     "run.job_name": "use run.output_dir",
     "model.device_8bit": "8-bit loading is not supported; remove the key",
+    "datasets.prefix": "audio paths resolve against the annotation file's folder (convert.py writes them so)",
+}
+
+# Keys whose value must be one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.torch_dtype": ("float32", "bfloat16", "float16"),
+    "datasets.turn_mode": ("per_turn", "concat"),
+    "datasets.text_inputs": ("audio", "audio+transcript", "audio+transcript+replies"),
+    "run.device": ("auto", "cuda", "cpu"),
+    "run.precision": ("auto", "bf16", "fp16", "fp32"),
+    "run.nonfinite_loss": ("stop", "skip"),
+    "run.best_metric_mode": ("max", "min"),
 }
 
 # Sections that are always present (filled with defaults when the file has none).
 ALWAYS_PRESENT = ("run", "generate")
 
 
-def load_config(cfg_path: str, options: list[str] | None = None, required_sections: tuple[str, ...] = ()) -> DictConfig:
-    """Read a YAML config, apply `key=value` overrides, validate it against SCHEMA and fill defaults.
+def load_config(cfg_path: str | list[str], options: list[str] | None = None,
+                required_sections: tuple[str, ...] = ()) -> DictConfig:
+    """Read a YAML config (several are merged in order, a later file winning), apply `key=value` overrides,
+    validate it against SCHEMA and fill defaults.
 
     Raises ConfigError naming the offending key (with the closest known key for a misspelling).
     """
-    path = Path(cfg_path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {cfg_path}")
-    user = OmegaConf.load(path)
-    if not isinstance(user, DictConfig):
-        raise ConfigError(f"{cfg_path}: the top level must be a mapping of sections")
-    overrides = _parse_options(options or [])
-    user = OmegaConf.merge(user, overrides)
+    paths = [cfg_path] if isinstance(cfg_path, (str, os.PathLike)) else list(cfg_path)
+    files = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        files.append(loaded)
+    user = OmegaConf.merge(*files, _parse_options(options or []))
     user_dict = OmegaConf.to_container(user, resolve=True)
 
     resolved: dict[str, Any] = {}
@@ -161,7 +185,7 @@ def load_config(cfg_path: str, options: list[str] | None = None, required_sectio
             resolved[section] = _fill_section({}, schema, prefix=section)
     for section in required_sections:
         if section not in resolved:
-            raise ConfigError(f"{cfg_path}: the `{section}:` section is required")
+            raise ConfigError(f"{' + '.join(map(str, paths))}: the `{section}:` section is required")
     return OmegaConf.create(resolved)
 
 
@@ -202,6 +226,8 @@ def _fill_section(given: dict[str, Any], schema: dict[str, Any], prefix: str) ->
         if value == REQUIRED:
             raise ConfigError(f"required config key `{name}` is missing")
         _check_type(name, value, default)
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"config key `{name}` must be one of {', '.join(CHOICES[name])}, got {value!r}")
         out[key] = value
     return out
 

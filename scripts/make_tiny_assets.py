@@ -61,6 +61,14 @@ def main() -> None:
                   eos_token_id=2, decoder_start_token_id=3).save_pretrained(whisper)
     WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30,
                             n_fft=400).save_pretrained(whisper)
+    # The same tiny Whisper with a 5 s window (250 frames at 50 frames/s) for fast CPU experiments on short turns:
+    # clips are cut to the feature extractor's window and every frame count follows from the frame rate.
+    whisper_5s = out / "whisper_5s"
+    config = WhisperConfig.from_pretrained(whisper)
+    config.max_source_positions = 250
+    config.save_pretrained(whisper_5s)
+    WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=5,
+                            n_fft=400).save_pretrained(whisper_5s)
 
     llama = out / "llama"
     llama.mkdir(parents=True, exist_ok=True)

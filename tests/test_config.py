@@ -1,0 +1,107 @@
+"""Config loading: overrides apply, defaults fill in, and a bad config fails at start naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from utils import SCHEMA, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(str(path), [])
+    assert set(cfg.generate) == set(SCHEMA["generate"])
+    if "model" in cfg:
+        assert set(cfg.model) == set(SCHEMA["model"])
+
+
+def test_shipped_experiments_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "finetune_humdial.yaml", "finetune_humdial_7b.yaml", "decode_config.yaml"} <= names
+
+
+def test_options_override_and_parse_types() -> None:
+    cfg = load_config(str(ROOT / "configs/demo.yaml"),
+                      ["run.optims.init_lr=1e-4", "run.batch_size_train=3", "model.lora_target_modules=[q_proj]"])
+    assert cfg.run.optims.init_lr == pytest.approx(1e-4)
+    assert cfg.run.batch_size_train == 3
+    assert list(cfg.model.lora_target_modules) == ["q_proj"]
+
+
+def test_defaults_fill_missing_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  llama_path: a\n  whisper_path: b\nrun:\n  seed: 7\n")
+    cfg = load_config(str(path), [])
+    assert cfg.run.seed == 7
+    assert cfg.run.optims.warmup_steps == SCHEMA["run"]["optims"]["warmup_steps"]
+    assert cfg.model.lora_rank == SCHEMA["model"]["lora_rank"]
+    assert cfg.generate.num_beams == SCHEMA["generate"]["num_beams"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["model.lora_rnak=4"], "did you mean `model.lora_rank`"),
+        (["run.optims.int_lr=1e-4"], "did you mean `run.optims.init_lr`"),
+        (["run.batch_size=2"], "unknown config key `run.batch_size`"),
+        (["modle.lora=false"], "did you mean `model`"),
+        (["run.batch_size_train=two"], "`run.batch_size_train` must be int"),
+        (["run.epoch_based=1"], "`run.epoch_based` must be bool"),
+        (["run.amp=true"], "run.precision"),
+        (["run.world_size=2"], "torchrun"),
+        (["run.precision=fp8"], "`run.precision` must be one of auto, bf16, fp16, fp32"),
+        (["run.nonfinite_loss=ignore"], "`run.nonfinite_loss` must be one of stop, skip"),
+        (["run.seed"], "key=value"),
+    ],
+)
+def test_bad_key_fails_naming_it(options: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("`", "`")):
+        load_config(str(ROOT / "configs/demo.yaml"), options)
+
+
+def test_required_key_missing_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  llama_path: a\n")
+    with pytest.raises(ConfigError, match="required config key `model.whisper_path` is missing"):
+        load_config(str(path), [])
+
+
+def test_required_section_missing_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match="`model:` section is required"):
+        load_config(str(path), [], required_sections=("model",))
+
+
+def test_several_files_merge_in_order() -> None:
+    cfg = load_config([str(ROOT / "configs/demo.yaml"), str(ROOT / "configs/decode_config.yaml")],
+                      ["generate.max_new_tokens=7"])
+    assert cfg.model.llama_path == "assets/tiny/llama"  # from demo.yaml
+    assert cfg.generate.num_beams == 4  # decode_config.yaml wins over demo.yaml
+    assert cfg.generate.max_new_tokens == 7  # the options win over both
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"), [])
+
+
+def test_model_defaults_match_the_model() -> None:
+    """The schema's model defaults are the model's own, so a key left out means the same to both."""
+    from models.salmonn import DEFAULTS
+
+    schema = {k: v for k, v in SCHEMA["model"].items() if v != "???"}
+    assert schema == {k: v for k, v in DEFAULTS.items() if k in schema}
+    assert set(SCHEMA["model"]) == set(DEFAULTS)
+
+
+def test_train_rejects_bad_config_before_building_anything(tmp_path: Path) -> None:
+    import train
+
+    with pytest.raises(ConfigError, match="did you mean `run.optims.max_epoch`"):
+        train.main(["--cfg-path", str(ROOT / "configs/demo.yaml"), "--options", "run.optims.max_epochs=1",
+                    f"run.output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
