@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -66,19 +65,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_inference_config(cfg_paths: list[str] | None, options: list[str]) -> DictConfig:
     """The merged, validated config of one or more YAML files; it must describe a model."""
     paths = cfg_paths or DEFAULT_CFG_PATHS
-    for path in paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-    merged = OmegaConf.merge(*(OmegaConf.load(p) for p in paths))
-    if "model" not in merged:
+    cfg = load_config(paths, options)
+    if "model" not in cfg:
         raise ConfigError(f"no `model:` section in {' + '.join(paths)}: add the model's config, e.g. "
                           f"--cfg-path configs/demo.yaml --cfg-path {paths[-1]}")
-    if len(paths) == 1:
-        return load_config(paths[0], options)
-    # utils.load_config validates one file: hand it the merge.
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as tmp:
-        OmegaConf.save(merged, tmp.name)
-        return load_config(tmp.name, options)
+    return cfg
 
 
 def generation_settings(generate_cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -244,14 +235,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def open_session(args: argparse.Namespace) -> Session | None:
+    """Config + model + generation settings from the shared flags; None (after saying why) when they fail."""
     try:
         cfg = load_inference_config(args.cfg_path, args.options)
         model = load_model(cfg, resolve_device(args.device), args.lora_scaling)
-        session = Session(model, cfg, generation_settings(cfg.generate, args))
+        return Session(model, cfg, generation_settings(cfg.generate, args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    session = open_session(args)
+    if session is None:
         return 2
     try:
         if args.wav:

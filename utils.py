@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from models.salmonn import DEFAULTS as MODEL_DEFAULTS
+
 
 class ConfigError(ValueError):
     """A config that cannot be run: unknown, missing, retired or mistyped key."""
@@ -33,42 +35,8 @@ REQUIRED = "???"  # OmegaConf's marker for a value that must be given
 # A default of None accepts any type; otherwise the value must have the default's type (int is accepted
 # where a float is expected).
 SCHEMA: dict[str, dict[str, Any]] = {
-    "model": {
-        "llama_path": REQUIRED,
-        "whisper_path": REQUIRED,
-        "beats_path": "",
-        "random_init": False,
-        "ckpt": "",
-        "freeze_whisper": True,
-        "freeze_beats": True,
-        "use_speech_Qformer": True,
-        "num_speech_query_token": 1,
-        "freeze_speech_QFormer": False,
-        "window_level_Qformer": True,
-        "second_per_window": 0.333333,
-        "second_stride": 0.333333,
-        "qformer_hidden_size": 768,
-        "qformer_num_layers": 2,
-        "qformer_num_heads": 12,
-        "qformer_intermediate_size": 3072,
-        "speech_llama_proj_model": "",
-        "freeze_speech_llama_proj": False,
-        "lora": True,
-        "lora_rank": 8,
-        "lora_alpha": 32,
-        "lora_dropout": 0.1,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "multi_prompt": False,
-        "prompt_path": "",
-        "test_prompt_path": "",
-        "prompt_template": "",
-        "max_txt_len": 128,
-        "end_sym": "</s>",
-        "low_resource": False,
-        "torch_dtype": "float32",
-        "lora_scaling": None,
-        "trim_speech_padding": False,  # drop the speech tokens of Whisper's 30 s zero-padding
-    },
+    # The model's keys and defaults live with the model (models/salmonn.py); the two paths must be given.
+    "model": {**MODEL_DEFAULTS, "llama_path": REQUIRED, "whisper_path": REQUIRED},
     "datasets": {
         "train_ann_path": "",  # annotation JSON written by convert.py (relative audio paths: its folder)
         "valid_ann_path": "",
@@ -76,6 +44,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "turn_mode": "per_turn",  # per_turn: one <SpeechHere> slot per user turn | concat: the original fine-tune
         "text_inputs": "audio",  # audio | audio+transcript | audio+transcript+replies
         "concat_gap_s": 0.5,  # silence between turns in concat mode
+        "silence_audio": False,  # ablation: every clip replaced by zeros of the same length
         # None = the model section's value
         "whisper_path": None,
         "prompt_path": None,

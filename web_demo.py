@@ -18,10 +18,8 @@ from typing import Any
 import gradio as gr
 import soundfile as sf
 
-from cli_inference import (Session, add_model_arguments, generation_settings, load_inference_config, load_model,
-                           resolve_device, without_unused_sampling)
+from cli_inference import Session, add_model_arguments, open_session, without_unused_sampling
 from dataset_v1 import AudioError
-from utils import ConfigError
 
 MAX_TURNS = 4
 DEFAULT_PROMPT = "Describe the emotion of the speaker in every turn."
@@ -123,12 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_inference_config(args.cfg_path, args.options)
-        model = load_model(cfg, resolve_device(args.device), args.lora_scaling)
-        session = Session(model, cfg, generation_settings(cfg.generate, args))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    session = open_session(args)
+    if session is None:
         return 2
     demo = build_demo(session, args.max_seconds, args.lora_scaling)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = dict(
     freeze_whisper=True, freeze_beats=True, use_speech_Qformer=True, num_speech_query_token=1,
     freeze_speech_QFormer=False, window_level_Qformer=True, second_per_window=0.333333, second_stride=0.333333,
     qformer_hidden_size=768, qformer_num_layers=2, qformer_num_heads=12, qformer_intermediate_size=3072,
+    qformer_initializer_range=0.02,
     speech_llama_proj_model="", freeze_speech_llama_proj=False,
     lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
     lora_scaling=None, trim_speech_padding=False, multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
@@ -138,7 +139,7 @@ class SALMONN(nn.Module):
             hidden_size=cfg["qformer_hidden_size"], num_hidden_layers=cfg["qformer_num_layers"],
             num_attention_heads=cfg["qformer_num_heads"], intermediate_size=cfg["qformer_intermediate_size"],
             encoder_hidden_size=d_whisper + d_beats, cross_attention_frequency=1, use_qformer_text_input=False,
-            layer_norm_eps=1e-12,
+            layer_norm_eps=1e-12, initializer_range=cfg["qformer_initializer_range"],
         )
         self.speech_Qformer = Blip2QFormerModel(qcfg)
         self.speech_query_tokens = nn.Parameter(

@@ -1,0 +1,74 @@
+"""The pieces of the listening experiment (scripts/learning_experiment.py), without running it."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dataset_v1 import build_dataset, log_mel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import learning_experiment as exp  # noqa: E402
+
+ANN = Path("data/demo/ann")
+
+
+def demo_dataset(silence: bool):
+    cfg = OmegaConf.load("configs/demo_learning.yaml")
+    return build_dataset(str(ANN / "train.json"), {**cfg.datasets, "silence_audio": silence}, "test", cfg.model)
+
+
+def test_silencing_zeroes_the_audio_and_keeps_everything_else():
+    heard, silenced = demo_dataset(False), demo_dataset(True)
+    a, b = heard.collater([heard[0], heard[1]]), silenced.collater([silenced[0], silenced[1]])
+    assert a["raw_wav"].abs().sum() > 0 and bool((b["raw_wav"] == 0).all())
+    assert torch.equal(a["padding_mask"], b["padding_mask"])  # same lengths, so the same number of speech tokens
+    assert a["prompt"] == b["prompt"] and a["text"] == b["text"] and a["speech_slots"] == b["speech_slots"]
+    lengths = (~b["padding_mask"]).sum(-1).tolist()
+    zeros = log_mel([np.zeros(n, dtype=np.float32) for n in lengths], silenced.feature_extractor)
+    assert torch.equal(b["spectrogram"], torch.from_numpy(zeros))
+    assert not torch.equal(a["spectrogram"], b["spectrogram"])
+
+
+def test_held_out_split_shares_no_dialogue_with_training():
+    train = exp.dialogues(ANN / "train.json") + exp.dialogues(ANN / "valid.json")
+    test = exp.dialogues(ANN / "test.json")
+    exp.check_held_out(train, test)
+    assert {e["id"] for e in train}.isdisjoint({e["id"] for e in test})
+    with pytest.raises(ValueError, match="also training dialogues"):
+        exp.check_held_out(train, test + train[:1])
+
+
+def _dialogue(id_: str, emotions: list[str]) -> dict:
+    return {"id": id_, "turns": [{"emotion": e} for e in emotions]}
+
+
+def test_scores_cover_exactly_the_held_out_dialogues(tmp_path):
+    test = [_dialogue("t1", ["sad", "happy"]), _dialogue("t2", ["anger", "fear", "neutral"])]
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"id": "t1", "prediction": "You started sad, then ended up happy."},
+            {"id": "t2", "prediction": "You started angry, then calm."}]
+    predictions.write_text("\n".join(json.dumps(r) for r in rows))
+    scores = exp.score(predictions, test)
+    assert scores["turn_accuracy"] == pytest.approx(100 * 3 / 5)  # t1: 2/2; t2: angry right, calm != fear, missing
+    assert scores["exact_match"] == pytest.approx(50.0)
+
+    predictions.write_text("\n".join(json.dumps(r) for r in rows + [{"id": "train_9", "prediction": "sad"}]))
+    with pytest.raises(ValueError, match="do not cover the held-out set exactly"):
+        exp.score(predictions, test)
+    predictions.write_text(json.dumps(rows[0]))
+    with pytest.raises(ValueError, match="missing \\['t2'\\]"):
+        exp.score(predictions, test)
+
+
+def test_chance_levels():
+    train = [_dialogue("a", ["sad", "sad", "happy"])]
+    test = [_dialogue("b", ["sad", "anger"]), _dialogue("c", ["fear", "sad"])]
+    chance = exp.chance_levels(train, test)
+    assert chance["uniform"] == pytest.approx(100 / 7)
+    assert chance["majority"] == pytest.approx(50.0)  # "sad" is right on 2 of 4 test turns
