@@ -72,3 +72,29 @@ def test_chance_levels():
     chance = exp.chance_levels(train, test)
     assert chance["uniform"] == pytest.approx(100 / 7)
     assert chance["majority"] == pytest.approx(50.0)  # "sad" is right on 2 of 4 test turns
+
+
+def test_turn_recognition_samples_come_from_training_turns_only(tmp_path):
+    import shutil
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    shutil.copy(ANN / "train.json", ann / "train.json")
+    out = exp.turn_recognition(ann / "train.json", keep_dialogues=True)
+    data = json.loads(out.read_text(encoding="utf-8"))["annotation"]
+    dialogues = [e for e in data if "turns" in e]
+    turns = [e for e in data if "turns" not in e]
+    assert len(turns) == sum(len(e["turns"]) for e in dialogues) > 0
+    training_paths = {t["path"] for e in dialogues for t in e["turns"]}
+    assert {t["path"] for t in turns} == training_paths  # no held-out audio sneaks in
+    first = dialogues[0]
+    label = exp.LABEL_WORDS[first["language"]][first["turns"][0]["emotion"]]
+    assert next(t for t in turns if t["id"] == f"{first['id']}_turn1")["text"] == label
+
+
+def test_turn_recognition_accuracy_reads_the_first_emotion_word(tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"prediction": "sad", "reference": "sad"}, {"prediction": "Happy, then sad.", "reference": "sad"},
+            {"prediction": "...", "reference": "fear"}, {"prediction": "生气", "reference": "anger"}]
+    predictions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    assert exp.turn_recognition_accuracy(predictions) == pytest.approx(50.0)
