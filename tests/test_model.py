@@ -40,9 +40,9 @@ def randomize_trainable(model: SALMONN, seed: int) -> None:
 
 def clips(*seconds: float, seed: int = 0) -> dict:
     """A batch of tone+noise clips of the given lengths, one clip per sample."""
-    from transformers import WhisperFeatureExtractor
+    from dataset_v1 import load_feature_extractor
 
-    fe = WhisperFeatureExtractor.from_pretrained("assets/tiny/whisper")
+    fe = load_feature_extractor("assets/tiny/whisper")
     rng = np.random.default_rng(seed)
     waves = [(0.1 * np.sin(2 * np.pi * 300 * np.arange(int(s * 16000)) / 16000)
               + 0.02 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in seconds]
