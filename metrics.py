@@ -20,7 +20,7 @@ import jiwer
 import sacrebleu
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
+from convert import EMOTIONS  # the 7 HumDial labels, defined once with the data
 
 # Words that name an emotion, mapped to one of EMOTIONS. Longer entries win over shorter ones at the same
 # position, so "不开心" is sad rather than happy and "unhappy" never reads as "happy".

@@ -26,10 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metrics import canonical_emotion, emotion_trajectory_scores, extract_emotions  # noqa: E402
+from metrics import EMOTIONS, canonical_emotion, emotion_trajectory_scores, extract_emotions  # noqa: E402
 
 CONFIG = "configs/demo_learning.yaml"
-EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
 LABEL_WORDS = {"en": {e: e for e in EMOTIONS},
                "zh": {"happy": "开心", "sad": "难过", "anger": "生气", "fear": "害怕", "neutral": "平静",
                       "surprise": "惊讶", "disgust": "厌恶"}}

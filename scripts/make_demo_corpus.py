@@ -40,7 +40,7 @@ import soxr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import convert  # noqa: E402  (the repo root is not a package)
 
-EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
+EMOTIONS = convert.EMOTIONS
 
 # espeak-ng pitch (0-99), rate (words/min), amplitude (0-200) and SSML pitch range per emotion.
 PROSODY = {
