@@ -6,10 +6,13 @@ audio and with the audio silenced, and score both on held-out dialogues.
 Steps (each one a plain command of this repo, printed as it runs):
 1. `scripts/make_demo_corpus.py` generates a corpus: espeak-ng voices whose pitch, rate and volume follow the
    turn's emotion, sentences without emotion words, held-out dialogues with unseen sentences.
-2. `train.py --cfg-path configs/demo_learning.yaml` trains on the dialogues plus one emotion-recognition sample
-   per training turn (multi-task, as SALMONN itself is trained), with audio, then with `datasets.silence_audio=true`
-   (every clip replaced by zeros of the same length: the model can learn the answer's form and the label prior,
-   not the emotions).
+2. `train.py --cfg-path configs/demo_learning.yaml` trains on four kinds of samples, all built from the training
+   dialogues only: the dialogues; their sub-dialogues (every run of 2 or more consecutive turns, with the
+   trajectory answer of those turns); recombined dialogues (one speaker's statements from several of their
+   dialogues, with the trajectory answer: new label sequences, so the model must listen to each turn rather
+   than memorise sequences); and one emotion-recognition sample per turn (multi-task, as SALMONN is trained). It trains once with
+   the audio and once with `datasets.silence_audio=true` (every clip replaced by zeros of the same length: the
+   model can learn the answer's form and the label prior, not the emotions). The two runs share the cores.
 3. `evaluate.py` decodes the held-out test dialogues of each run; emotion-trajectory accuracy (per turn and
    exact sequence, `metrics.emotion_trajectory_scores`) is computed from its predictions.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import subprocess
 import sys
 import time
@@ -26,12 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from make_demo_corpus import EMOTION_WORD, trajectory_summary  # noqa: E402  (scripts/ is this script's folder)
 from metrics import EMOTIONS, canonical_emotion, emotion_trajectory_scores, extract_emotions  # noqa: E402
 
 CONFIG = "configs/demo_learning.yaml"
-LABEL_WORDS = {"en": {e: e for e in EMOTIONS},
-               "zh": {"happy": "开心", "sad": "难过", "anger": "生气", "fear": "害怕", "neutral": "平静",
-                      "surprise": "惊讶", "disgust": "厌恶"}}
+RUNS = {"audio": "false", "audio silenced": "true"}  # run name -> datasets.silence_audio
 
 
 def run(cmd: list[str]) -> float:
@@ -42,22 +46,83 @@ def run(cmd: list[str]) -> float:
     return time.time() - start
 
 
+def run_together(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[str, float]:
+    """Runs the commands at the same time, the cores split between them (each log to its file); fails loudly
+    with the end of the failed command's log. Returns each command's wall time in seconds."""
+    threads = max(1, (os.cpu_count() or 1) // len(commands))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started, procs, seconds = time.time(), {}, {}
+    for name, cmd in commands.items():
+        print(f"+ {' '.join(cmd)}  > {logs[name]}", flush=True)
+        logs[name].parent.mkdir(parents=True, exist_ok=True)
+        with logs[name].open("w") as log:
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    failed = []
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            failed.append(name)
+        seconds[name] = time.time() - started
+    if failed:
+        tails = "\n".join(f"--- {logs[n]} (last lines)\n" + "\n".join(logs[n].read_text().splitlines()[-20:])
+                          for n in failed)
+        raise RuntimeError(f"{', '.join(failed)} failed:\n{tails}")
+    return seconds
+
+
 def dialogues(ann_path: Path) -> list[dict]:
     return [e for e in json.loads(ann_path.read_text(encoding="utf-8"))["annotation"] if "turns" in e]
 
 
-def turn_recognition(ann_path: Path, keep_dialogues: bool) -> Path:
-    """One `emotion_recognition` sample per dialogue turn (the turn's audio -> its label word), written beside the
-    annotation (same relative audio paths). For training, with the dialogues: multi-task data, as SALMONN itself
-    is trained; for testing, alone: does the model hear the emotion of a single turn?"""
-    data = json.loads(ann_path.read_text(encoding="utf-8"))["annotation"]
-    turns = [{"id": f"{e['id']}_turn{k}", "path": t["path"], "task": "emotion_recognition", "Q": "",
-              "language": e["language"], "text": LABEL_WORDS.get(e["language"], LABEL_WORDS["en"])[t["emotion"]]}
-             for e in data if "turns" in e for k, t in enumerate(e["turns"], start=1)]
-    out = ann_path.with_name(ann_path.stem + ("_with_turns.json" if keep_dialogues else "_turns.json"))
-    out.write_text(json.dumps({"annotation": (data if keep_dialogues else []) + turns}, ensure_ascii=False),
-                   encoding="utf-8")
-    return out
+def turn_samples(dialogs: list[dict]) -> list[dict]:
+    """One `emotion_recognition` sample per dialogue turn: the turn's audio -> its emotion word (the word the
+    trajectory answers use). For training: multi-task data; for testing: does the model hear a single turn?"""
+    return [{"id": f"{e['id']}_turn{k}", "path": t["path"], "task": "emotion_recognition", "Q": "",
+             "language": e["language"], "text": EMOTION_WORD[e["language"]][t["emotion"]]}
+            for e in dialogs for k, t in enumerate(e["turns"], start=1)]
+
+
+def sub_dialogues(dialogs: list[dict]) -> list[dict]:
+    """Every run of 2 or more consecutive turns that is not the whole dialogue, as a dialogue of its own with its
+    trajectory answer. The question stays the dialogue's (it asks about the turns shown)."""
+    subs = []
+    for e in dialogs:
+        n = len(e["turns"])
+        for length in range(2, n):
+            for first in range(n - length + 1):
+                turns = e["turns"][first:first + length]
+                subs.append({**e, "id": f"{e['id']}_turns{first + 1}-{first + length}", "turns": turns,
+                             "text": trajectory_summary([t["emotion"] for t in turns], e["language"])})
+    return subs
+
+
+def speaker_of(dialogue_id: str) -> str:
+    """The demo corpus names dialogues `<language>_<speaker>_<index>` (scripts/make_demo_corpus.py)."""
+    return "_".join(dialogue_id.split("_")[:2])
+
+
+def recombined_dialogues(dialogs: list[dict], count: int, seed: int = 0) -> list[dict]:
+    """`count` new dialogues, each from one speaker's turns: 2-4 of the speaker's statements (from any of their
+    dialogues, in random order), then the closing question of one of them, with the trajectory answer. The label
+    sequences are new, so they cannot be memorised: only hearing each turn, and knowing which turn is which,
+    answers them."""
+    rng = random.Random(seed)
+    by_speaker: dict[str, list[dict]] = {}
+    for e in dialogs:
+        by_speaker.setdefault(speaker_of(e["id"]), []).append(e)
+    made = []
+    for i in range(count):
+        base = rng.choice(dialogs)
+        statements = [t for e in by_speaker[speaker_of(base["id"])] for t in e["turns"][:-1]]
+        turns = rng.sample(statements, rng.choice([2, 3, 4])) + [base["turns"][-1]]
+        made.append({**base, "id": f"{base['id']}_recombined{i + 1}", "turns": turns,
+                     "text": trajectory_summary([t["emotion"] for t in turns], base["language"])})
+    return made
+
+
+def write_annotation(path: Path, entries: list[dict]) -> Path:
+    """Written beside the corpus annotation, so the relative audio paths stay valid."""
+    path.write_text(json.dumps({"annotation": entries}, ensure_ascii=False), encoding="utf-8")
+    return path
 
 
 def check_held_out(train: list[dict], test: list[dict]) -> None:
@@ -110,8 +175,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo_learning", help="corpus, checkpoints, predictions and the report")
     ap.add_argument("--num-dialogues", type=int, default=1200)
+    ap.add_argument("--recombined", type=int, default=3000, help="recombined training dialogues to add")
     ap.add_argument("--options", nargs="*", default=[], help="extra config overrides for both runs")
     args = ap.parse_args()
+    started = time.time()
     out = ROOT / args.out
     corpus = out / "corpus"
     if not (corpus / "ann" / "test.json").is_file():
@@ -120,25 +187,31 @@ def main() -> None:
     ann = corpus / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")
     check_held_out(train + dialogues(ann / "valid.json"), test)
-    train_ann = turn_recognition(ann / "train.json", keep_dialogues=True)
-    test_turns = turn_recognition(ann / "test.json", keep_dialogues=False)
+    mixed = train + sub_dialogues(train) + recombined_dialogues(train, args.recombined) + turn_samples(train)
+    train_ann = write_annotation(ann / "train_mixed.json", mixed)
+    test_turns = write_annotation(ann / "test_turns.json", turn_samples(test))
 
-    rows = {}
-    for name, silence in (("audio", "false"), ("audio silenced", "true")):
-        run_dir = out / name.replace(" ", "_")
-        options = [f"datasets.train_ann_path={train_ann}", f"datasets.valid_ann_path={ann / 'valid.json'}",
-                   f"datasets.test_ann_path={ann / 'test.json'}", f"datasets.silence_audio={silence}",
-                   f"run.output_dir={run_dir}", *args.options]
-        train_s = run([sys.executable, "train.py", "--cfg-path", CONFIG, "--options", *options])
-        ckpt = sorted(run_dir.glob("checkpoint_step*.pth"), key=lambda p: int(p.stem.split("step")[1]))[-1]
-        run([sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(ann / "test.json"),
-             "--out-dir", str(run_dir / "eval"), "--options", *options, f"model.ckpt={ckpt}"])
-        run([sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(test_turns),
-             "--out-dir", str(run_dir / "eval_turns"), "--options", *options, f"model.ckpt={ckpt}"])
-        rows[name] = {**score(run_dir / "eval" / "predictions.jsonl", test), "train_s": train_s,
-                      "turn_recognition": turn_recognition_accuracy(run_dir / "eval_turns" / "predictions.jsonl")}
+    run_dirs = {name: out / name.replace(" ", "_") for name in RUNS}
+    options = {name: [f"datasets.train_ann_path={train_ann}", f"datasets.valid_ann_path={ann / 'valid.json'}",
+                      f"datasets.test_ann_path={ann / 'test.json'}", f"datasets.silence_audio={silence}",
+                      f"run.output_dir={run_dirs[name]}", *args.options] for name, silence in RUNS.items()}
+    train_s = run_together({name: [sys.executable, "train.py", "--cfg-path", CONFIG, "--options", *options[name]]
+                            for name in RUNS}, {name: run_dirs[name] / "train.log" for name in RUNS})
+    evaluations, logs = {}, {}
+    for name in RUNS:
+        ckpt = sorted(run_dirs[name].glob("checkpoint_step*.pth"), key=lambda p: int(p.stem.split("step")[1]))[-1]
+        for kind, ann_path in (("eval", ann / "test.json"), ("eval_turns", test_turns)):
+            evaluations[(name, kind)] = [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(ann_path),
+                                         "--out-dir", str(run_dirs[name] / kind), "--options", *options[name],
+                                         f"model.ckpt={ckpt}"]
+            logs[(name, kind)] = run_dirs[name] / f"{kind}.log"
+    run_together(evaluations, logs)
 
+    rows = {name: {**score(run_dirs[name] / "eval" / "predictions.jsonl", test), "train_s": train_s[name],
+                   "turn_recognition": turn_recognition_accuracy(run_dirs[name] / "eval_turns" / "predictions.jsonl")}
+            for name in RUNS}
     report = table(rows, chance_levels(train, test), len(test))
+    report += f" The whole experiment took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores."
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
     print(report)
 

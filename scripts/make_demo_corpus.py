@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -238,16 +239,31 @@ def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_ou
     return [Turn(text, labels.next(), reply, rng.choice(AUDIO_FORMATS)) for text, reply in zip(texts, replies)]
 
 
-def espeak(text: str, speaker: Speaker, emotion: str, language: str, rng: random.Random) -> tuple[np.ndarray, int]:
-    """espeak-ng speech of the text with the emotion's prosody, speaker offsets and a little per-turn jitter."""
+@dataclass(frozen=True)
+class Voice:
+    """espeak-ng settings of one turn: the speaker's voice with the emotion's prosody and a little jitter."""
+    voice: str
+    pitch: int
+    rate: int
+    amplitude: int
+    pitch_range: str
+
+
+def turn_voice(speaker: Speaker, emotion: str, language: str, rng: random.Random) -> Voice:
+    """Draws the turn's jitter from the corpus rng (in the main loop, so the corpus does not depend on threads)."""
     pitch, rate, amplitude, pitch_range = PROSODY[emotion]
     pitch = min(99, max(0, pitch + speaker.pitch_offset + rng.randint(-3, 3)))
     rate = round(rate * speaker.rate_factor * RATE_FACTOR[language] * rng.uniform(0.96, 1.04))
-    ssml = f'<speak><prosody range="{pitch_range}">{escape(text)}</prosody></speak>'
+    return Voice(speaker.voice, pitch, rate, amplitude, pitch_range)
+
+
+def espeak(text: str, voice: Voice) -> tuple[np.ndarray, int]:
+    """espeak-ng speech of the text in the turn's voice."""
+    ssml = f'<speak><prosody range="{voice.pitch_range}">{escape(text)}</prosody></speak>'
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-m", "-v", speaker.voice, "-p", str(pitch), "-s", str(rate),
-                        "-a", str(amplitude), "-w", str(out), ssml], check=True, capture_output=True)
+        subprocess.run(["espeak-ng", "-m", "-v", voice.voice, "-p", str(voice.pitch), "-s", str(voice.rate),
+                        "-a", str(voice.amplitude), "-w", str(out), ssml], check=True, capture_output=True)
         wav, rate_hz = sf.read(str(out), dtype="float32")
     return wav, rate_hz
 
@@ -271,29 +287,40 @@ def write_audio(path: Path, wav: np.ndarray, rate: int, audio_format: tuple[str,
     sf.write(str(path), np.clip(wav, -1.0, 1.0), target_rate, **options)
 
 
-def build(out: Path, num_dialogues: int, test_fraction: float, seed: int) -> None:
+def synthesize(path: Path, text: str, voice: Voice, audio_format: tuple[str, int, int]) -> None:
+    wav, rate = espeak(text, voice)
+    write_audio(path, trim_silence(wav, rate), rate, audio_format)
+
+
+def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, workers: int) -> None:
+    """Plans every dialogue in order with one rng, then synthesizes the turns on `workers` threads (espeak-ng
+    runs as a subprocess, so threads overlap): the same arguments give the same corpus for any `workers`."""
     rng = random.Random(seed)
     shutil.rmtree(out / "audio", ignore_errors=True)  # regenerated in full: no stale files of older runs
     speakers = make_speakers(rng)
     num_test = max(1, round(num_dialogues * test_fraction))
     labels = {"train": LabelCycle(random.Random(seed + 1)), "test": LabelCycle(random.Random(seed + 2))}
     lines: dict[str, list[str]] = {"train": [], "test": []}
-    for index in range(num_dialogues):
-        split = "test" if index >= num_dialogues - num_test else "train"
-        language = ("en", "zh")[index % 2]
-        speaker_index = rng.randrange(SPEAKERS_PER_LANGUAGE)
-        speaker = speakers[language][speaker_index]
-        dialogue_id = f"{language}_{speaker_index + 1:04d}_{index + 1:04d}"
-        turns = plan_dialogue(rng, labels[split], language, held_out=split == "test")
-        record_turns = []
-        for n, turn in enumerate(turns, start=1):
-            relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{turn.audio_format[0]}"
-            wav, rate = espeak(turn.text, speaker, turn.emotion, language, rng)
-            write_audio(out / relative, trim_silence(wav, rate), rate, turn.audio_format)
-            record_turns.append({"turn_id": n, "text": turn.text, "emotion": turn.emotion,
-                                 "split_audio_file": relative, "response_text": turn.reply})
-        record_turns[-1]["response_text"] = trajectory_summary([t.emotion for t in turns], language)
-        lines[split].append(json.dumps({"dialogue_id": dialogue_id, "turns": record_turns}, ensure_ascii=False))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = []
+        for index in range(num_dialogues):
+            split = "test" if index >= num_dialogues - num_test else "train"
+            language = ("en", "zh")[index % 2]
+            speaker_index = rng.randrange(SPEAKERS_PER_LANGUAGE)
+            speaker = speakers[language][speaker_index]
+            dialogue_id = f"{language}_{speaker_index + 1:04d}_{index + 1:04d}"
+            turns = plan_dialogue(rng, labels[split], language, held_out=split == "test")
+            record_turns = []
+            for n, turn in enumerate(turns, start=1):
+                relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{turn.audio_format[0]}"
+                voice = turn_voice(speaker, turn.emotion, language, rng)
+                jobs.append(pool.submit(synthesize, out / relative, turn.text, voice, turn.audio_format))
+                record_turns.append({"turn_id": n, "text": turn.text, "emotion": turn.emotion,
+                                     "split_audio_file": relative, "response_text": turn.reply})
+            record_turns[-1]["response_text"] = trajectory_summary([t.emotion for t in turns], language)
+            lines[split].append(json.dumps({"dialogue_id": dialogue_id, "turns": record_turns}, ensure_ascii=False))
+        for job in jobs:
+            job.result()  # re-raises the first failed synthesis
     for split, split_lines in lines.items():
         (out / f"HD-Track1-T1-{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
     out = Path(os.path.relpath(out))  # the annotations' "source" fields and reports stay free of local paths
@@ -307,8 +334,10 @@ def main() -> None:
     parser.add_argument("--num-dialogues", type=int, default=40)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of held-out test dialogues")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="threads synthesizing turns (the corpus is the same for any number)")
     args = parser.parse_args()
-    build(args.out, args.num_dialogues, args.test_fraction, args.seed)
+    build(args.out, args.num_dialogues, args.test_fraction, args.seed, args.workers)
     print(f"wrote {args.num_dialogues} dialogues to {args.out} (annotations in {args.out / 'ann'})")
 
 

@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +298,25 @@ def test_demo_user_turns_carry_no_emotion_words():
                 assert extract_emotions(turn["response_text"]) == [], turn["response_text"]
             target = record["turns"][-1]["response_text"]
             assert extract_emotions(target) == [t["emotion"] for t in record["turns"]]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_demo_corpus_generation_is_reproducible_for_any_number_of_threads(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_demo_corpus
+
+    make_demo_corpus.build(tmp_path / "one", num_dialogues=3, test_fraction=0.34, seed=5, workers=1)
+    make_demo_corpus.build(tmp_path / "three", num_dialogues=3, test_fraction=0.34, seed=5, workers=3)
+    for name in ("HD-Track1-T1-train.jsonl", "HD-Track1-T1-test.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "three" / name).read_text()
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "audio").rglob("*.*"))
+    assert files == sorted(p.relative_to(tmp_path / "three") for p in (tmp_path / "three" / "audio").rglob("*.*"))
+    assert len(files) >= 9  # 3 dialogues of 3-5 turns, one file a turn
+    for f in files:
+        a, rate_a = sf.read(str(tmp_path / "one" / f))
+        b, rate_b = sf.read(str(tmp_path / "three" / f))
+        assert rate_a == rate_b and a.shape == b.shape and np.array_equal(a, b), f
+        assert np.abs(a).max() > 0.01, f  # speech, not silence
 
 
 def test_empty_label_is_an_error_unless_blind(tmp_path):

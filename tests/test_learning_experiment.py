@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset_v1 import build_dataset, log_mel
+from metrics import extract_emotions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import learning_experiment as exp  # noqa: E402
@@ -74,22 +75,50 @@ def test_chance_levels():
     assert chance["majority"] == pytest.approx(50.0)  # "sad" is right on 2 of 4 test turns
 
 
-def test_turn_recognition_samples_come_from_training_turns_only(tmp_path):
-    import shutil
+def test_turn_samples_name_each_turns_emotion_with_the_trajectory_word():
+    train = exp.dialogues(ANN / "train.json")
+    turns = exp.turn_samples(train)
+    assert len(turns) == sum(len(e["turns"]) for e in train) > 0
+    assert [t["path"] for t in turns] == [t["path"] for e in train for t in e["turns"]]  # no held-out audio
+    for sample, turn in zip(turns, (t for e in train for t in e["turns"])):
+        assert sample["task"] == "emotion_recognition"
+        assert extract_emotions(sample["text"]) == [turn["emotion"]]  # the word the trajectory answers use
 
-    ann = tmp_path / "ann"
-    ann.mkdir()
-    shutil.copy(ANN / "train.json", ann / "train.json")
-    out = exp.turn_recognition(ann / "train.json", keep_dialogues=True)
-    data = json.loads(out.read_text(encoding="utf-8"))["annotation"]
-    dialogues = [e for e in data if "turns" in e]
-    turns = [e for e in data if "turns" not in e]
-    assert len(turns) == sum(len(e["turns"]) for e in dialogues) > 0
-    training_paths = {t["path"] for e in dialogues for t in e["turns"]}
-    assert {t["path"] for t in turns} == training_paths  # no held-out audio sneaks in
-    first = dialogues[0]
-    label = exp.LABEL_WORDS[first["language"]][first["turns"][0]["emotion"]]
-    assert next(t for t in turns if t["id"] == f"{first['id']}_turn1")["text"] == label
+
+def test_sub_dialogues_are_every_inner_run_of_consecutive_turns():
+    train = exp.dialogues(ANN / "train.json")
+    subs = exp.sub_dialogues(train)
+    # A dialogue of n turns has n - L + 1 runs of L turns; L = 2 .. n - 1 sums to n (n - 1) / 2 - 1.
+    assert len(subs) == sum(len(e["turns"]) * (len(e["turns"]) - 1) // 2 - 1 for e in train) > 0
+    by_id = {e["id"]: e for e in train}
+    for sub in subs:
+        parent = by_id[sub["id"].rsplit("_turns", 1)[0]]
+        first, last = map(int, sub["id"].rsplit("_turns", 1)[1].split("-"))
+        assert 2 <= len(sub["turns"]) < len(parent["turns"])
+        assert sub["turns"] == parent["turns"][first - 1:last]
+        assert extract_emotions(sub["text"]) == [t["emotion"] for t in sub["turns"]]
+        assert sub["language"] == parent["language"] and sub["task"] == parent["task"]
+    assert len({s["id"] for s in subs}) == len(subs)
+
+
+def test_recombined_dialogues_use_one_training_speakers_turns_and_name_their_emotions():
+    train = exp.dialogues(ANN / "train.json")
+    made = exp.recombined_dialogues(train, count=50, seed=3)
+    assert len(made) == 50 and len({e["id"] for e in made}) == 50
+    assert made == exp.recombined_dialogues(train, count=50, seed=3)  # reproducible
+    questions = {e["turns"][-1]["path"] for e in train}
+    source = {t["path"]: d["id"] for d in train for t in d["turns"]}
+    assert sum(len({source[t["path"]] for t in e["turns"]}) > 1 for e in made) > 25  # turns of several dialogues
+    for e in made:
+        speaker_turns = {t["path"] for d in train if exp.speaker_of(d["id"]) == exp.speaker_of(e["id"])
+                         for t in d["turns"]}
+        paths = [t["path"] for t in e["turns"]]
+        assert 3 <= len(paths) <= 5 and len(set(paths)) == len(paths)
+        assert set(paths) <= speaker_turns  # one speaker, training audio only
+        assert paths[-1] in questions and not set(paths[:-1]) & questions  # statements, then a closing question
+        assert extract_emotions(e["text"]) == [t["emotion"] for t in e["turns"]]
+    sequences = {tuple(t["emotion"] for t in e["turns"]) for e in made}
+    assert len(sequences - {tuple(t["emotion"] for t in e["turns"]) for e in train}) > 40  # new label sequences
 
 
 def test_turn_recognition_accuracy_reads_the_first_emotion_word(tmp_path):
