@@ -49,7 +49,6 @@ from prompting import (DEFAULT_TEMPLATE, SPEECH_SLOT, PromptError, TurnText, cho
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-MAX_CLIP_SAMPLES = 30 * SAMPLE_RATE  # Whisper-large-v2's window; a dataset takes its feature extractor's
 MIN_CLIP_SAMPLES = SAMPLE_RATE  # shorter clips are zero-padded, as the original (BEATs needs a few frames)
 EXPAND_WAV_GAP_SAMPLES = 1600  # the original's silence between `expand_wav` files
 TURN_MODES = ("per_turn", "concat")
@@ -87,7 +86,7 @@ def pad_to_min(wav: np.ndarray) -> np.ndarray:
     return np.pad(wav, (0, max(0, MIN_CLIP_SAMPLES - len(wav))))
 
 
-def split_clips(wav: np.ndarray, max_samples: int = MAX_CLIP_SAMPLES) -> list[np.ndarray]:
+def split_clips(wav: np.ndarray, max_samples: int) -> list[np.ndarray]:
     """Consecutive clips of at most the encoder's window (30 s for Whisper) covering every sample (the last one
     padded to >= 1 s)."""
     if len(wav) == 0:
@@ -265,8 +264,7 @@ class SalmonnDataset(Dataset):
         return collate(items)
 
 
-def per_turn_clips(wavs: list[np.ndarray],
-                   max_samples: int = MAX_CLIP_SAMPLES) -> tuple[list[np.ndarray], list[list[int]]]:
+def per_turn_clips(wavs: list[np.ndarray], max_samples: int) -> tuple[list[np.ndarray], list[list[int]]]:
     """All turns' clips, and per turn the indices of its clips (several when a turn is longer than 30 s)."""
     clips: list[np.ndarray] = []
     slots: list[list[int]] = []

@@ -37,7 +37,7 @@ def stage_seconds(dataset, limit: int) -> tuple[float, float]:
     entries = dataset.annotation[:limit]
     for entry in entries:
         start = time.perf_counter()
-        clips, _ = per_turn_clips([load_audio(turn["path"]) for turn in entry["turns"]])
+        clips, _ = per_turn_clips([load_audio(turn["path"]) for turn in entry["turns"]], dataset.max_clip_samples)
         middle = time.perf_counter()
         log_mel(clips, dataset.feature_extractor)
         read, mel = read + middle - start, mel + time.perf_counter() - middle

@@ -140,9 +140,14 @@ def chance_levels(train: list[dict], test: list[dict]) -> dict[str, float]:
     return {"uniform": 100.0 / len(EMOTIONS), "majority": 100.0 * sum(g == majority for g in gold) / len(gold)}
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """evaluate.py's predictions.jsonl."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def score(predictions: Path, test: list[dict]) -> dict[str, float]:
     """Emotion-trajectory scores of one run, over exactly the held-out dialogues."""
-    records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_predictions(predictions)
     by_id = {r["id"]: r for r in records}
     missing = [e["id"] for e in test if e["id"] not in by_id]
     if missing or len(by_id) != len(test):
@@ -155,7 +160,7 @@ def score(predictions: Path, test: list[dict]) -> dict[str, float]:
 
 def turn_recognition_accuracy(predictions: Path) -> float:
     """Share of held-out turns whose answer's first emotion word is the turn's label."""
-    records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_predictions(predictions)
     hits = [(extract_emotions(r["prediction"]) or [None])[0] == canonical_emotion(r["reference"]) for r in records]
     return 100.0 * sum(hits) / len(hits)
 

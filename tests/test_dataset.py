@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dataset_v1 import (MAX_CLIP_SAMPLES, SAMPLE_RATE, AnnotationError, AudioError, build_dataset, load_audio,
+from dataset_v1 import (SAMPLE_RATE, AnnotationError, AudioError, build_dataset, load_audio,
                         load_feature_extractor, make_batch, split_clips)
 from prompting import SPEECH_SLOT, PromptError
 
@@ -75,13 +75,14 @@ def test_load_audio_errors_name_the_file(tmp_path):
 
 
 def test_split_clips_keeps_every_sample_and_pads_short_clips():
+    window = 30 * SAMPLE_RATE  # Whisper's
     wav = np.arange(40 * SAMPLE_RATE, dtype=np.float32)
-    clips = split_clips(wav)
-    assert [len(c) for c in clips] == [MAX_CLIP_SAMPLES, 10 * SAMPLE_RATE]
+    clips = split_clips(wav, window)
+    assert [len(c) for c in clips] == [window, 10 * SAMPLE_RATE]
     np.testing.assert_array_equal(np.concatenate(clips), wav)
-    short = split_clips(np.ones(4000, dtype=np.float32))
+    short = split_clips(np.ones(4000, dtype=np.float32), window)
     assert len(short) == 1 and len(short[0]) == SAMPLE_RATE and short[0][4000:].sum() == 0
-    assert len(split_clips(np.ones(60 * SAMPLE_RATE, dtype=np.float32))) == 2
+    assert len(split_clips(np.ones(60 * SAMPLE_RATE, dtype=np.float32), window)) == 2
 
 
 # ------------------------------------------------------------------------------------------- dialogues
@@ -127,7 +128,7 @@ def test_concat_mode_reproduces_the_original_cut_at_30_s(tmp_path, feature_extra
                             feature_extractor=feature_extractor)
     with caplog.at_level(logging.WARNING, logger="dataset_v1"):
         batch = dataset.collater([dataset[0]])
-    assert batch["speech_slots"] == [[[0]]] and batch["raw_wav"].shape == (1, MAX_CLIP_SAMPLES)
+    assert batch["speech_slots"] == [[[0]]] and batch["raw_wav"].shape == (1, 30 * SAMPLE_RATE)
     assert batch["prompt"][0].count(SPEECH_SLOT) == 1
     gap = batch["raw_wav"][0, 20 * SAMPLE_RATE:20 * SAMPLE_RATE + SAMPLE_RATE // 2]
     assert gap.abs().max() == 0  # 0.5 s of silence between turns
