@@ -256,3 +256,34 @@ def test_base_model_folder_missing_a_weight_is_an_error(tmp_path):
     save_file(weights, str(whisper / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="layers.1.fc1.weight"):
         SALMONN._load_whisper_encoder(whisper, random_init=False, dtype=torch.float32)
+
+
+def test_cached_frozen_encoders_give_the_uncached_features_and_skip_seen_clips():
+    plain = build().eval()
+    cached = build(cache_frozen_encoders=True).eval()
+    randomize_trainable(plain, 1)
+    randomize_trainable(cached, 1)
+    batch = clips(1.2, 6.0, 3.3)
+    runs = {"whisper": 0, "beats": 0}
+    cached.speech_encoder.register_forward_hook(lambda *_: runs.__setitem__("whisper", runs["whisper"] + 1))
+    cached.beats.register_forward_hook(lambda *_: runs.__setitem__("beats", runs["beats"] + 1))
+    with torch.no_grad():
+        expected, atts = plain.encode_speech(**_enc(batch))
+        first, first_atts = cached.encode_speech(**_enc(batch))
+        assert len(cached.encoder_cache) == 3 and runs == {"whisper": 1, "beats": 1}
+        # the same clips again, in another order and batched with a new one: only the new clip is encoded
+        again = clips(1.2, 6.0, 3.3, 2.0)
+        order = [3, 2, 0, 1]
+        mixed, mixed_atts = cached.encode_speech(**_enc(rows(again, order)))
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(first_atts, atts)
+    assert runs == {"whisper": 2, "beats": 2} and len(cached.encoder_cache) == 4
+    torch.testing.assert_close(mixed[1:], expected[[2, 0, 1]], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        alone, _ = plain.encode_speech(**_enc(rows(again, [3])))
+    torch.testing.assert_close(mixed[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_cache_refuses_a_trained_encoder():
+    with pytest.raises(ValueError, match="cache_frozen_encoders.*freeze_whisper"):
+        build(cache_frozen_encoders=True, freeze_whisper=False)
