@@ -188,7 +188,7 @@ def main() -> None:
     corpus = out / "corpus"
     if not (corpus / "ann" / "test.json").is_file():
         run([sys.executable, "scripts/make_demo_corpus.py", "--num-dialogues", str(args.num_dialogues),
-             "--out", str(corpus)])
+             "--out", str(corpus), "--plain-audio"])
     ann = corpus / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")
     check_held_out(train + dialogues(ann / "valid.json"), test)

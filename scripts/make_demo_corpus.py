@@ -16,7 +16,8 @@ Design, so that the corpus can test whether a model hears emotion:
 - The last turn asks how the user's emotions changed; the target names every turn's emotion in order
   ("You started neutral, then became sad, ..."), which metrics.emotion_trajectory_scores can read.
 - Held-out (test) dialogues use sentences of which some never appear in training dialogues.
-- Audio is deliberately not 16 kHz and mixes wav/flac/ogg, mono and stereo, to exercise the loader.
+- Audio is deliberately not 16 kHz and mixes wav/flac/ogg, mono and stereo, to exercise the loader
+  (`--plain-audio`: 16 kHz mono WAV throughout, for a corpus read many times; same dialogues).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ SPEAKERS_PER_LANGUAGE = 6
 # (file extension, sample rate, channels): never 16 kHz; the loader must resample and downmix. Mostly
 # compressed ogg so that the committed corpus stays at a few MB.
 AUDIO_FORMATS = [("ogg", 22050, 1)] * 6 + [("ogg", 24000, 2)] * 2 + [("flac", 11025, 1), ("wav", 8000, 1)]
+# --plain-audio: what the loader reads fastest, for corpora that are read many times (scripts/learning_experiment.py)
+PLAIN_AUDIO_FORMAT = ("wav", 16000, 1)
 OGG_COMPRESSION = 0.8  # libsndfile's vorbis compression level (0 best quality, 1 smallest)
 TRIM_TOP_DB = 40  # espeak's leading/trailing silence is trimmed to this level below the peak ...
 TRIM_MARGIN_S = 0.1  # ... keeping this much of it
@@ -292,7 +295,8 @@ def synthesize(path: Path, text: str, voice: Voice, audio_format: tuple[str, int
     write_audio(path, trim_silence(wav, rate), rate, audio_format)
 
 
-def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, workers: int) -> None:
+def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, workers: int,
+          plain_audio: bool = False) -> None:
     """Plans every dialogue in order with one rng, then synthesizes the turns on `workers` threads (espeak-ng
     runs as a subprocess, so threads overlap): the same arguments give the same corpus for any `workers`."""
     rng = random.Random(seed)
@@ -312,9 +316,10 @@ def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, worker
             turns = plan_dialogue(rng, labels[split], language, held_out=split == "test")
             record_turns = []
             for n, turn in enumerate(turns, start=1):
-                relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{turn.audio_format[0]}"
+                audio_format = PLAIN_AUDIO_FORMAT if plain_audio else turn.audio_format
+                relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{audio_format[0]}"
                 voice = turn_voice(speaker, turn.emotion, language, rng)
-                jobs.append(pool.submit(synthesize, out / relative, turn.text, voice, turn.audio_format))
+                jobs.append(pool.submit(synthesize, out / relative, turn.text, voice, audio_format))
                 record_turns.append({"turn_id": n, "text": turn.text, "emotion": turn.emotion,
                                      "split_audio_file": relative, "response_text": turn.reply})
             record_turns[-1]["response_text"] = trajectory_summary([t.emotion for t in turns], language)
@@ -336,8 +341,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads synthesizing turns (the corpus is the same for any number)")
+    parser.add_argument("--plain-audio", action="store_true",
+                        help="every turn as 16 kHz mono WAV (fast to read) instead of mixed rates, channels and "
+                             "containers (which exercise the loader); the dialogues are the same")
     args = parser.parse_args()
-    build(args.out, args.num_dialogues, args.test_fraction, args.seed, args.workers)
+    build(args.out, args.num_dialogues, args.test_fraction, args.seed, args.workers, args.plain_audio)
     print(f"wrote {args.num_dialogues} dialogues to {args.out} (annotations in {args.out / 'ann'})")
 
 

@@ -319,6 +319,27 @@ def test_demo_corpus_generation_is_reproducible_for_any_number_of_threads(tmp_pa
         assert np.abs(a).max() > 0.01, f  # speech, not silence
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_plain_audio_corpus_has_the_same_dialogues_in_16k_mono_wav(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_demo_corpus
+
+    make_demo_corpus.build(tmp_path / "mixed", num_dialogues=3, test_fraction=0.34, seed=5, workers=2)
+    make_demo_corpus.build(tmp_path / "plain", num_dialogues=3, test_fraction=0.34, seed=5, workers=2,
+                           plain_audio=True)
+    for name in ("HD-Track1-T1-train.jsonl", "HD-Track1-T1-test.jsonl"):
+        mixed = [json.loads(line) for line in (tmp_path / "mixed" / name).read_text().splitlines()]
+        plain = [json.loads(line) for line in (tmp_path / "plain" / name).read_text().splitlines()]
+        for m, p in zip(mixed, plain, strict=True):
+            for tm, tp in zip(m["turns"], p["turns"], strict=True):
+                assert tp["split_audio_file"] == tm["split_audio_file"].rsplit(".", 1)[0] + ".wav"
+                assert {**tm, "split_audio_file": ""} == {**tp, "split_audio_file": ""}
+                info = sf.info(str(tmp_path / "plain" / tp["split_audio_file"]))
+                assert (info.samplerate, info.channels, info.format) == (16000, 1, "WAV")
+                mixed_seconds = sf.info(str(tmp_path / "mixed" / tm["split_audio_file"])).duration
+                assert abs(info.duration - mixed_seconds) < 0.01  # the same speech, only stored differently
+
+
 def test_empty_label_is_an_error_unless_blind(tmp_path):
     record = dialogue(tmp_path, "en_1")
     record["turns"][0]["emotion"] = ""
