@@ -138,6 +138,13 @@ def is_dialogue(entry: Mapping[str, Any]) -> bool:
     return "turns" in entry
 
 
+def audio_paths(entry: Mapping[str, Any]) -> list[str]:
+    """The audio files of an entry, in order: a dialogue's turns, or a file and its `expand_wav` files."""
+    if is_dialogue(entry):
+        return [turn["path"] for turn in entry["turns"]]
+    return [entry["path"], *entry["expand_wav"]]
+
+
 def checked_entry(entry: Any, where: str, base: Path) -> dict:
     """The entry with its required keys checked and its audio paths resolved against `base`."""
     if not isinstance(entry, dict):
@@ -205,6 +212,16 @@ class SalmonnDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotation)
 
+    def audio_seconds(self) -> list[float]:
+        """Each sample's audio duration, from the file headers (nothing decoded): what `run.group_by_length`
+        groups by, as a sample's speech tokens and per-turn prompt grow with it."""
+        seconds: dict[str, float] = {}
+        for entry in self.annotation:
+            for path in audio_paths(entry):
+                if path not in seconds:
+                    seconds[path] = sf.info(path).duration
+        return [sum(seconds[p] for p in audio_paths(entry)) for entry in self.annotation]
+
     def prompt_rng(self, index: int) -> random.Random | None:
         return random.Random(f"{self.seed}:{self.epoch}:{index}") if self.training else None
 
@@ -219,7 +236,7 @@ class SalmonnDataset(Dataset):
 
     def single_clip_item(self, entry: dict, rng: random.Random | None) -> dict:
         """Original format: the file (plus `expand_wav` files, 0.1 s apart) in one slot, never cut at 30 s."""
-        wavs = [load_audio(p) for p in [entry["path"], *entry["expand_wav"]]]
+        wavs = [load_audio(p) for p in audio_paths(entry)]
         clips = split_clips(join_with_gaps(wavs, EXPAND_WAV_GAP_SAMPLES), self.max_clip_samples)
         language = entry.get("language", "")
         prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language),
@@ -229,7 +246,7 @@ class SalmonnDataset(Dataset):
                 "language": language, "emotions": []}
 
     def dialogue_item(self, entry: dict, rng: random.Random | None) -> dict:
-        wavs = [load_audio(turn["path"]) for turn in entry["turns"]]
+        wavs = [load_audio(p) for p in audio_paths(entry)]
         language = entry.get("language", "")
         shows_transcripts = self.text_inputs != "audio"
         question = entry.get("Q", "") if shows_transcripts else ""  # audio only: the question stays in speech

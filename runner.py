@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate.data_loader import SkipBatchSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -140,6 +141,16 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 # data
 
 
+def length_grouped_indices(lengths: list[float], batch_size: int, world_size: int, rank: int, seed: int) -> list[int]:
+    """`run.group_by_length`: one rank's samples for a data epoch, shuffled by `seed`, then sorted by length
+    within mega-batches of up to 50 global batches (transformers' grouping), so that a batch's samples are alike
+    in length and little of it is padding. Ranks take every world_size-th index of one shared order, as
+    DistributedSampler does: at each step their batches are alike in length, and every rank gets as many."""
+    order = get_length_grouped_indices(lengths, batch_size * world_size, generator=torch.Generator().manual_seed(seed))
+    order += order[: (-len(order)) % world_size]
+    return order[rank::world_size]
+
+
 class BatchStream:
     """An endless stream of training micro-batches, epoch after epoch, in an order fixed by (seed, data epoch).
 
@@ -189,6 +200,7 @@ class Runner:
         self.dist = dist_info
         self.device = dist_info.device
         self.output_dir = Path(self.run_cfg.output_dir)
+        self.audio_seconds: list[float] | None = None  # per training sample, read once for group_by_length
         self.amp_dtype = resolve_precision(self.run_cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._check_run_config()
@@ -272,9 +284,15 @@ class Runner:
         dataset = self.datasets["train"]
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(data_epoch)
-        sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=self.run_cfg.seed, drop_last=False)
-        sampler.set_epoch(data_epoch)
+        if self.run_cfg.group_by_length:
+            if self.audio_seconds is None:
+                self.audio_seconds = dataset.audio_seconds()
+            sampler = length_grouped_indices(self.audio_seconds, self.run_cfg.batch_size_train, self.dist.world_size,
+                                             self.dist.rank, seed=self.run_cfg.seed + data_epoch)
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                         shuffle=True, seed=self.run_cfg.seed, drop_last=False)
+            sampler.set_epoch(data_epoch)
         batches = BatchSampler(sampler, self.run_cfg.batch_size_train, drop_last=False)
         if skip_batches:
             batches = SkipBatchSampler(batches, skip_batches=skip_batches)

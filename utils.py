@@ -66,6 +66,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_size_train": 8,  # per process
         "batch_size_eval": 8,
         "num_workers": 4,
+        "group_by_length": False,  # batches of samples of alike audio length: less padding, faster steps
         "grad_clip": 1.0,  # max global grad norm; 0 = no clipping
         "nonfinite_loss": "stop",  # stop | skip (skip the step and count it)
         "valid_every_steps": 0,  # 0 = validate at the end of each epoch only

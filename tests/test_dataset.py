@@ -265,3 +265,14 @@ def test_demo_corpus_loads_through_the_demo_config(feature_extractor):
     assert len(item["slots"]) == len(entry["turns"]) == item["prompt"].count(SPEECH_SLOT)
     for clip, turn in zip(item["clips"], entry["turns"]):
         assert abs(len(clip) - max(SAMPLE_RATE, turn["duration"] * SAMPLE_RATE)) <= 2  # resampled, not cut
+
+
+def test_audio_seconds_are_each_samples_decoded_duration(tmp_path, feature_extractor):
+    """What group_by_length sorts by: read from headers, it must match the decoded audio (any rate)."""
+    write_dialogue(tmp_path, [2.0, 7.5, 1.2], rates=[8000, 22050, 16000], dialogue_id="en_0001_0001")
+    ann = write_dialogue(tmp_path, [3.0, 0.5, 4.0], dialogue_id="en_0001_0002")
+    dataset = build_dataset(str(ann), {}, "train", MODEL_CFG, feature_extractor=feature_extractor)
+    decoded = [sum(len(load_audio(turn["path"])) for turn in entry["turns"]) / SAMPLE_RATE
+               for entry in dataset.annotation]
+    np.testing.assert_allclose(dataset.audio_seconds(), decoded, atol=1e-3)
+    np.testing.assert_allclose(decoded, [10.7, 7.5], atol=1e-3)

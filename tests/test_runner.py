@@ -18,7 +18,7 @@ import torch
 
 import runner
 import train
-from runner import atomic_save, param_groups, warmup_cosine_lr
+from runner import atomic_save, length_grouped_indices, param_groups, warmup_cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(ROOT / "configs/demo.yaml")
@@ -124,6 +124,30 @@ def test_schedule_is_the_originals_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def padded_lengths(lengths: list[float], batches: list[list[int]]) -> float:
+    """What a batch costs when padded to its longest sample, summed over the batches."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouped_batches_are_alike_shuffled_and_shared_out_like_distributed_sampler() -> None:
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.uniform(1, 5), rng.uniform(10, 25)]) for _ in range(801)]  # single turns, dialogues
+    batch, world = 4, 2
+    shares = [length_grouped_indices(lengths, batch, world, rank, seed=7) for rank in range(world)]
+    assert len(shares[0]) == len(shares[1]) == 401  # 801 samples padded to 802, as DistributedSampler pads
+    assert set(shares[0] + shares[1]) == set(range(801))  # every sample, one of them twice
+    assert shares[0] == length_grouped_indices(lengths, batch, world, 0, seed=7)  # fixed by (seed, data epoch)
+    assert shares[0] != length_grouped_indices(lengths, batch, world, 0, seed=8)
+    grouped = [[s[k:k + batch] for k in range(0, len(s), batch)] for s in shares]
+    shuffled = list(range(801))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[k:k + batch] for k in range(0, 801, batch)]
+    assert padded_lengths(lengths, grouped[0] + grouped[1]) < 0.8 * padded_lengths(lengths, random_batches)
+    # the ranks' batches of one step are alike too (a rank never waits on a much longer batch)
+    step_gap = [abs(max(lengths[i] for i in a) - max(lengths[i] for i in b)) for a, b in zip(*grouped)]
+    assert sum(step_gap) / len(step_gap) < 1.0
+
+
 def test_no_weight_decay_on_norms_and_biases() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     model[2].weight.requires_grad_(False)
@@ -174,11 +198,8 @@ def test_demo_run_learns_and_writes_checkpoint_logs_and_config(uninterrupted: Pa
     assert [step for step, _ in runner.step_checkpoints(uninterrupted)] == [TOTAL_STEPS - 1, TOTAL_STEPS]
 
 
-def test_resume_after_a_crash_at_a_random_step_equals_uninterrupted(
-        corpus: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    crash_at = random.randint(2, TOTAL_STEPS)  # the step that dies halfway (after its first micro-batch)
-    # Checkpoints every 2 steps: after a crash in an even step the log holds a step the checkpoint has not.
-    crash_run = {**RESUME_RUN, "save_every_steps": 2}
+def crash_then_resume(corpus: Path, out: Path, run: dict, crash_at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trains until step `crash_at` dies halfway (after its first micro-batch), then resumes to the end."""
     step = runner.Runner.train_step
 
     def train_step_that_dies(self, micro_batches):
@@ -189,10 +210,16 @@ def test_resume_after_a_crash_at_a_random_step_equals_uninterrupted(
 
     monkeypatch.setattr(runner.Runner, "train_step", train_step_that_dies)
     with pytest.raises(KeyboardInterrupt):
-        run_train(corpus_options(corpus, tmp_path, **crash_run))
+        run_train(corpus_options(corpus, out, **run))
     monkeypatch.setattr(runner.Runner, "train_step", step)
-    assert run_train(corpus_options(corpus, tmp_path, **crash_run, resume="auto")) == 0
+    assert run_train(corpus_options(corpus, out, **run, resume="auto")) == 0
 
+
+def test_resume_after_a_crash_at_a_random_step_equals_uninterrupted(
+        corpus: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    crash_at = random.randint(2, TOTAL_STEPS)
+    # Checkpoints every 2 steps: after a crash in an even step the log holds a step the checkpoint has not.
+    crash_then_resume(corpus, tmp_path, {**RESUME_RUN, "save_every_steps": 2}, crash_at, monkeypatch)
     expected = load(uninterrupted / f"checkpoint_step{TOTAL_STEPS}.pth")
     resumed = load(tmp_path / f"checkpoint_step{TOTAL_STEPS}.pth")
     assert_same_tensors(expected["model"], resumed["model"])
@@ -201,6 +228,17 @@ def test_resume_after_a_crash_at_a_random_step_equals_uninterrupted(
         assert_same_tensors(state, resumed["optimizer"]["state"][key])
     assert train_losses(tmp_path) == train_losses(uninterrupted), f"crash at step {crash_at}"
     assert expected["data_position"] == resumed["data_position"]
+
+
+def test_length_grouped_run_resumes_exactly(corpus: Path, uninterrupted: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    grouped = {**RESUME_RUN, "group_by_length": True, "save_every_steps": 2}
+    assert run_train(corpus_options(corpus, tmp_path / "whole", **grouped)) == 0
+    assert train_losses(tmp_path / "whole") != train_losses(uninterrupted)  # other batches than the shuffled run's
+    crash_then_resume(corpus, tmp_path / "resumed", grouped, crash_at=5, monkeypatch=monkeypatch)
+    assert_same_tensors(load(tmp_path / "whole" / f"checkpoint_step{TOTAL_STEPS}.pth")["model"],
+                        load(tmp_path / "resumed" / f"checkpoint_step{TOTAL_STEPS}.pth")["model"])
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "whole")
 
 
 def test_resume_after_sigkill_equals_uninterrupted(corpus: Path, uninterrupted: Path, tmp_path: Path) -> None:
