@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = dict(
     qformer_initializer_range=0.02,
     speech_llama_proj_model="", freeze_speech_llama_proj=False,
     lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
-    lora_scaling=None, trim_speech_padding=False, cache_frozen_encoders=False, multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
+    lora_scaling=None, trim_speech_padding=False, cache_frozen_encoders=False,
+    multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
     max_txt_len=128, end_sym="</s>", low_resource=False, torch_dtype="float32",
 )
 
