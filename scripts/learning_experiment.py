@@ -57,11 +57,12 @@ def run_together(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[
         logs[name].parent.mkdir(parents=True, exist_ok=True)
         with logs[name].open("w") as log:
             procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    failed = []
-    for name, proc in procs.items():
-        if proc.wait() != 0:
-            failed.append(name)
-        seconds[name] = time.time() - started
+    while len(seconds) < len(procs):  # each command's own end time, whichever finishes first
+        for name, proc in procs.items():
+            if name not in seconds and proc.poll() is not None:
+                seconds[name] = time.time() - started
+        time.sleep(0.2)
+    failed = [name for name, proc in procs.items() if proc.returncode != 0]
     if failed:
         tails = "\n".join(f"--- {logs[n]} (last lines)\n" + "\n".join(logs[n].read_text().splitlines()[-20:])
                           for n in failed)

@@ -127,3 +127,14 @@ def test_turn_recognition_accuracy_reads_the_first_emotion_word(tmp_path):
             {"prediction": "...", "reference": "fear"}, {"prediction": "生气", "reference": "anger"}]
     predictions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     assert exp.turn_recognition_accuracy(predictions) == pytest.approx(50.0)
+
+
+def test_run_together_times_each_command_and_names_the_failed_one(tmp_path):
+    logs = {name: tmp_path / f"{name}.log" for name in ("quick", "slow")}
+    seconds = exp.run_together({"slow": [sys.executable, "-c", "import time; time.sleep(2)"],
+                                "quick": [sys.executable, "-c", "print('hi')"]}, logs)
+    assert seconds["quick"] < seconds["slow"] - 1.0  # the quick one is not charged the slow one's time
+    assert logs["quick"].read_text().strip() == "hi"
+    with pytest.raises(RuntimeError, match=r"bad failed:[\s\S]*boom"):
+        exp.run_together({"bad": [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                          "good": [sys.executable, "-c", "pass"]}, {"bad": logs["slow"], "good": logs["quick"]})
