@@ -397,7 +397,7 @@ class SALMONN(nn.Module):
         same features every time, so a clip seen again (next epoch, or its turn in another sample) skips them.
         Keyed by the clip's content, kept in host memory: at full size ~3.8 MB (Whisper) + ~2.3 MB (BEATs) per
         30 s clip in 16-bit, so meant for data sets that fit in RAM."""
-        keys = [self._clip_key(spectrogram, raw_wav, audio_padding_mask, c) for c in range(len(spectrogram))]
+        keys = self._clip_keys(spectrogram, raw_wav, audio_padding_mask)
         missing = list({k: c for c, k in enumerate(keys) if k not in self.encoder_cache}.items())
         if missing:
             rows = [c for _, c in missing]
@@ -416,17 +416,18 @@ class SALMONN(nn.Module):
         return speech, audio, torch.arange(audio.shape[1], device=self.device) >= lengths[:, None]
 
     @staticmethod
-    def _clip_key(spectrogram: torch.Tensor, raw_wav: torch.Tensor | None, audio_padding_mask: torch.Tensor | None,
-                  c: int) -> bytes:
-        """A digest of clip c's content: its unpadded samples (padding is at the end), or its spectrogram when
+    def _clip_keys(spectrogram: torch.Tensor, raw_wav: torch.Tensor | None,
+                   audio_padding_mask: torch.Tensor | None) -> list[bytes]:
+        """A digest of each clip's content: its unpadded samples (padding is at the end), or its spectrogram when
         the batch carries no samples."""
         if raw_wav is None:
-            content = spectrogram[c]
+            contents = list(spectrogram.detach().cpu())
         else:
-            length = raw_wav.shape[1] if audio_padding_mask is None else int((~audio_padding_mask[c]).sum())
-            content = raw_wav[c, :length]
-        array = content.detach().contiguous().cpu().view(torch.uint8).numpy()
-        return hashlib.blake2b(array, digest_size=16).digest()
+            wavs = raw_wav.detach().cpu()
+            lengths = ([wavs.shape[1]] * len(wavs) if audio_padding_mask is None
+                       else (~audio_padding_mask).sum(dim=1).tolist())  # one device sync for the batch
+            contents = [wav[:n] for wav, n in zip(wavs, lengths)]
+        return [hashlib.blake2b(c.contiguous().view(torch.uint8).numpy(), digest_size=16).digest() for c in contents]
 
     @staticmethod
     def num_windows(num_samples: torch.Tensor, frames_per_second: float, stride: int, max_windows: int,
