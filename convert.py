@@ -41,23 +41,11 @@ from pathlib import Path
 
 import soundfile as sf
 
-TASKS = ("emotional_trajectory", "emotional_reasoning", "empathy")
-TASK_BY_NUMBER = {"1": "emotional_trajectory", "2": "emotional_reasoning", "3": "empathy"}
-EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
-# Labels seen in emotion corpora and in Chinese releases; each use is counted and reported.
-EMOTION_ALIASES = {
-    "happiness": "happy", "joy": "happy", "joyful": "happy", "glad": "happy", "开心": "happy", "高兴": "happy",
-    "sadness": "sad", "unhappy": "sad", "难过": "sad", "悲伤": "sad", "伤心": "sad",
-    "angry": "anger", "mad": "anger", "生气": "anger", "愤怒": "anger",
-    "fearful": "fear", "afraid": "fear", "scared": "fear", "害怕": "fear", "恐惧": "fear",
-    "calm": "neutral", "中性": "neutral", "平静": "neutral",
-    "surprised": "surprise", "surprising": "surprise", "惊讶": "surprise", "吃惊": "surprise",
-    "disgusted": "disgust", "disgusting": "disgust", "厌恶": "disgust", "反感": "disgust",
-}
+from labels import EMOTIONS, TASK_BY_NUMBER, TASKS, canonical_emotion, text_language
+
 REPLY_KEYS = ("response_text", "response_txt")
 SINGLE_CLIP_KEYS = ("path", "text", "task")
 _TASK_IN_NAME = re.compile(r"(?:^|[^a-z0-9])t(?:ask)?[-_]?([123])(?![0-9])", re.IGNORECASE)
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
 class DataError(ValueError):
@@ -118,16 +106,16 @@ def require(record: dict, key: str, where: str, kind: type = str) -> object:
     return value
 
 
-def canonical_emotion(label: str, where: str, aliases: Counter) -> str:
-    """One of EMOTIONS; a known alias is mapped and counted, anything else is an error."""
-    key = label.strip().lower()
-    if key in EMOTIONS:
-        return key
-    if key in EMOTION_ALIASES:
-        aliases[f"{label} -> {EMOTION_ALIASES[key]}"] += 1
-        return EMOTION_ALIASES[key]
-    raise DataError("unknown_emotion", f"{where}: field 'emotion': unknown label {label!r}; expected one of "
-                                       f"{', '.join(EMOTIONS)} (or an alias such as angry, surprised)")
+def checked_emotion(label: str, where: str, aliases: Counter) -> str:
+    """One of the seven labels; a known alias is mapped and counted, anything else is an error."""
+    try:
+        emotion = canonical_emotion(label)
+    except ValueError as e:
+        raise DataError("unknown_emotion", f"{where}: field 'emotion': unknown label {label!r}; expected one of "
+                                           f"{', '.join(EMOTIONS)} (or an alias such as angry, surprised)") from e
+    if emotion != label.strip().lower():
+        aliases[f"{label} -> {emotion}"] += 1
+    return emotion
 
 
 def audio_duration(path: Path, where: str) -> float:
@@ -150,7 +138,7 @@ def dialogue_language(record: dict, dialogue_id: str, texts: list[str]) -> str:
     prefix = dialogue_id.split("_", 1)[0].lower()
     if prefix in ("zh", "en"):
         return prefix
-    return "zh" if any(_CJK.search(t) for t in texts) else "en"
+    return text_language(" ".join(texts))
 
 
 def task_from_name(path: Path) -> str | None:
@@ -192,7 +180,7 @@ def convert_turn(turn: object, index: int, is_last: bool, where: str, source: So
         "duration": round(audio_duration(audio_path, turn_where), 4),
     }
     if converted["emotion"] or not source.blind:  # a blind set may leave labels empty, nothing else may
-        converted["emotion"] = canonical_emotion(converted["emotion"], turn_where, aliases)
+        converted["emotion"] = checked_emotion(converted["emotion"], turn_where, aliases)
     reply = reply_of(turn, turn_where, source.blind)
     if not is_last:
         converted["reply"] = reply

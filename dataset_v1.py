@@ -1,7 +1,7 @@
-"""Audio loading, clips, the dataset (HumDial dialogues and the original single-clip format) and the collater.
+"""Audio loading, clips, the dataset (HumDial dialogues and the original single-clip format) and the collate function.
 
-`datasets:` keys (configs/*.yaml); from `model:` it reads whisper_path, prompt_path, test_prompt_path and
-prompt_template (a key given in `datasets:` wins):
+`datasets:` keys (configs/*.yaml; defaults and allowed values in config.py); from `model:` it reads
+whisper_path, prompt_path, test_prompt_path, prompt_template and multi_prompt (a path given in `datasets:` wins):
 
     datasets:
       train_ann_path: data/demo/ann/train.json  # annotations written by convert.py
@@ -17,9 +17,10 @@ prompt_template (a key given in `datasets:` wins):
       silence_audio: false     # ablation: every clip replaced by zeros of the same length (what can the model
                                #   learn without hearing anything? see README "Does it listen?")
 
-Training ("train" split) draws a prompt at random from prompt_path, seeded by (seed, epoch, index) so that a
-resumed run sees the same prompts: call `dataset.set_epoch(epoch)` before each epoch (with non-persistent
-DataLoader workers). Evaluation ("valid"/"test") uses the first prompt of test_prompt_path.
+Training ("train" split) with `model.multi_prompt` draws a prompt at random from prompt_path, seeded by (seed,
+epoch, index) so that a resumed run sees the same prompts: call `dataset.set_epoch(epoch)` before each epoch
+(with non-persistent DataLoader workers); without it every sample gets its task's first prompt. Evaluation
+("valid"/"test") uses the first prompt of test_prompt_path.
 
 An annotation entry with `turns` is a dialogue (see convert.py for its fields); any other entry is the original
 format `{"path", "text", "task", "Q"?, "expand_wav"?}`. Relative audio paths resolve against the annotation
@@ -43,16 +44,14 @@ import torch
 from torch.utils.data import Dataset
 from transformers import WhisperFeatureExtractor
 
-from prompting import (DEFAULT_TEMPLATE, SPEECH_SLOT, PromptError, TurnText, choose_prompt, expand_turns,
-                       load_prompts, prompt_task, question_prompt)
+from config import CHOICES, section_defaults
+from models import SAMPLE_RATE, SPEECH_SLOT
+from prompting import PromptError, TurnText, choose_prompt, expand_turns, load_prompts, prompt_key, question_prompt
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 MIN_CLIP_SAMPLES = SAMPLE_RATE  # shorter clips are zero-padded, as the original (BEATs needs a few frames)
 EXPAND_WAV_GAP_SAMPLES = 1600  # the original's silence between `expand_wav` files
-TURN_MODES = ("per_turn", "concat")
-TEXT_INPUTS = ("audio", "audio+transcript", "audio+transcript+replies")
 BATCH_LIST_KEYS = ("prompt", "text", "task", "Q", "id", "language", "emotions")
 
 
@@ -79,6 +78,20 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def audio_seconds(path: str | os.PathLike) -> float:
+    """Duration of an audio file from its header, nothing decoded: the cheap check that a file is usable audio
+    (missing, unreadable or empty files raise AudioError naming the file), done before a model is loaded."""
+    if not os.path.isfile(path):
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioError(f"cannot read audio file {path}: {e}") from e
+    if info.frames == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    return info.frames / info.samplerate
 
 
 def pad_to_min(wav: np.ndarray) -> np.ndarray:
@@ -178,16 +191,15 @@ def resolved_audio(path: str, where: str, base: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- dataset
 class SalmonnDataset(Dataset):
-    """Dialogue and single-clip entries -> items of clips, speech slots and prompt; `collater` -> a batch."""
+    """Dialogue and single-clip entries -> items of clips, speech slots and prompt; `collate` makes a batch."""
 
     def __init__(self, annotation: list[dict], feature_extractor: WhisperFeatureExtractor,
-                 prompts: dict[str, list[str]], *, training: bool, turn_mode: str = "per_turn",
-                 text_inputs: str = "audio", concat_gap_s: float = 0.5, silence_audio: bool = False,
-                 seed: int = 0):
-        if turn_mode not in TURN_MODES:
-            raise ValueError(f"datasets.turn_mode must be one of {', '.join(TURN_MODES)}, got {turn_mode!r}")
-        if text_inputs not in TEXT_INPUTS:
-            raise ValueError(f"datasets.text_inputs must be one of {', '.join(TEXT_INPUTS)}, got {text_inputs!r}")
+                 prompts: dict[str, list[str]], *, training: bool, random_prompts: bool, turn_mode: str,
+                 text_inputs: str, concat_gap_s: float, silence_audio: bool, seed: int):
+        for key, value in (("turn_mode", turn_mode), ("text_inputs", text_inputs)):
+            allowed = CHOICES[f"datasets.{key}"]
+            if value not in allowed:
+                raise ValueError(f"datasets.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if turn_mode == "concat" and text_inputs != "audio":
             raise ValueError("turn_mode concat reproduces the original fine-tune, which shows audio only: "
                              "use text_inputs: audio with it")
@@ -195,6 +207,7 @@ class SalmonnDataset(Dataset):
         self.feature_extractor = feature_extractor
         self.prompts = prompts
         self.training = training
+        self.random_prompts = training and random_prompts
         self.turn_mode = turn_mode
         self.text_inputs = text_inputs
         self.concat_gap_samples = round(concat_gap_s * SAMPLE_RATE)
@@ -219,11 +232,12 @@ class SalmonnDataset(Dataset):
         for entry in self.annotation:
             for path in audio_paths(entry):
                 if path not in seconds:
-                    seconds[path] = sf.info(path).duration
+                    seconds[path] = audio_seconds(path)
         return [sum(seconds[p] for p in audio_paths(entry)) for entry in self.annotation]
 
     def prompt_rng(self, index: int) -> random.Random | None:
-        return random.Random(f"{self.seed}:{self.epoch}:{index}") if self.training else None
+        """The sample's prompt draw (training with multi_prompt), or None: the task's first prompt."""
+        return random.Random(f"{self.seed}:{self.epoch}:{index}") if self.random_prompts else None
 
     def __getitem__(self, index: int) -> dict:
         entry = self.annotation[index]
@@ -239,7 +253,7 @@ class SalmonnDataset(Dataset):
         wavs = [load_audio(p) for p in audio_paths(entry)]
         clips = split_clips(join_with_gaps(wavs, EXPAND_WAV_GAP_SAMPLES), self.max_clip_samples)
         language = entry.get("language", "")
-        prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language),
+        prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language),
                                entry.get("Q", ""), rng)
         return {"clips": clips, "slots": [list(range(len(clips)))], "prompt": prompt, "text": entry["text"],
                 "task": entry["task"], "Q": entry.get("Q", ""), "id": entry.get("id", entry["path"]),
@@ -250,7 +264,7 @@ class SalmonnDataset(Dataset):
         language = entry.get("language", "")
         shows_transcripts = self.text_inputs != "audio"
         question = entry.get("Q", "") if shows_transcripts else ""  # audio only: the question stays in speech
-        prompt = choose_prompt(self.prompts, prompt_task(self.prompts, entry["task"], language), question, rng)
+        prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language), question, rng)
         if self.turn_mode == "per_turn":
             clips, slots = per_turn_clips(wavs, self.max_clip_samples)
             prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
@@ -277,9 +291,6 @@ class SalmonnDataset(Dataset):
                         self.max_clip_samples / SAMPLE_RATE, self.concat_cuts)
         return pad_to_min(joined[:self.max_clip_samples])
 
-    def collater(self, items: list[dict]) -> dict[str, Any]:
-        return collate(items)
-
 
 def per_turn_clips(wavs: list[np.ndarray], max_samples: int) -> tuple[list[np.ndarray], list[list[int]]]:
     """All turns' clips, and per turn the indices of its clips (several when a turn is longer than 30 s)."""
@@ -296,7 +307,7 @@ def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], p
     """Fails at construction, not mid-epoch, when a task has no prompt or a dialogue prompt cannot expand."""
     missing = set()
     for entry in annotation:
-        task = prompt_task(prompts, entry["task"], entry.get("language", ""))
+        task = prompt_key(prompts, entry["task"], entry.get("language", ""))
         if task not in prompts:
             missing.add(task)
         elif per_turn and is_dialogue(entry):
@@ -328,46 +339,38 @@ def collate(items: list[dict]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- construction
-def _setting(key: str, sections: list[Any], default: Any = None) -> Any:
-    """The first non-empty value of `key` in the config sections (datasets: first, then model:)."""
-    for section in sections:
-        if section is not None and key in section and section[key] not in (None, ""):
-            return section[key]
-    return default
-
-
 def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *, seed: int = 0,
                   feature_extractor: WhisperFeatureExtractor | None = None) -> SalmonnDataset:
-    """The dataset of one split. cfg: the `datasets:` section; model_cfg: the `model:` section (its
-    whisper_path, prompt_path, test_prompt_path, prompt_template may also sit in cfg); seed: the run's seed."""
+    """The dataset of one split. cfg: the `datasets:` section; model_cfg: the `model:` section (either may be
+    partial: config.py fills the defaults); seed: the run's seed. The datasets section's whisper_path,
+    prompt_path, test_prompt_path and prompt_template, when set, win over the model section's."""
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
-    sections = [cfg, model_cfg]
+    data, model = section_defaults("datasets", cfg), section_defaults("model", model_cfg)
+    setting = {key: data[key] or model[key]
+               for key in ("whisper_path", "prompt_path", "test_prompt_path", "prompt_template")}
     training = split == "train"
-    prompt_path = _setting("prompt_path", sections)
-    if not training:
-        prompt_path = _setting("test_prompt_path", sections, prompt_path)
-    if prompt_path is None:
+    prompt_path = setting["prompt_path"] if training else setting["test_prompt_path"] or setting["prompt_path"]
+    if not prompt_path:
         raise ValueError("no prompt file configured: set model.prompt_path (and model.test_prompt_path)")
-    whisper_path = _setting("whisper_path", sections)
-    if feature_extractor is None and whisper_path is None:
+    if feature_extractor is None and not setting["whisper_path"]:
         raise ValueError("model.whisper_path is not set: it holds Whisper's preprocessor_config.json")
-    template = _setting("prompt_template", sections, DEFAULT_TEMPLATE)
     return SalmonnDataset(
         read_annotation(ann_path),
-        feature_extractor or load_feature_extractor(whisper_path),
-        load_prompts(str(prompt_path), template),
+        feature_extractor or load_feature_extractor(setting["whisper_path"]),
+        load_prompts(str(prompt_path), setting["prompt_template"]),
         training=training,
-        turn_mode=_setting("turn_mode", sections, "per_turn"),
-        text_inputs=_setting("text_inputs", sections, "audio"),
-        concat_gap_s=float(_setting("concat_gap_s", sections, 0.5)),
-        silence_audio=bool(_setting("silence_audio", sections, False)),
+        random_prompts=bool(model["multi_prompt"]),
+        turn_mode=data["turn_mode"],
+        text_inputs=data["text_inputs"],
+        concat_gap_s=float(data["concat_gap_s"]),
+        silence_audio=bool(data["silence_audio"]),
         seed=seed,
     )
 
 
 def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeatureExtractor, *,
-               template: str = DEFAULT_TEMPLATE, task: str = "", language: str = "en") -> dict[str, Any]:
+               template: str, task: str = "", language: str = "en") -> dict[str, Any]:
     """A one-sample batch from audio files, one per turn (CLI, web demo). `prompt` is either complete (template
     applied, one <SpeechHere> per file) or a plain question, which is wrapped in the turn block and template."""
     if not wav_paths:

@@ -1,4 +1,4 @@
-"""Scores for SALMONN answers: WER, CER, BLEU, ROUGE-L and emotion-trajectory accuracy.
+"""Scores for SALMONN answers: WER, CER, BLEU, ROUGE-L, emotion-trajectory accuracy and language match.
 
 Conventions (the README repeats them):
 - Every score is a percentage in [0, 100] (WER and CER can exceed 100 when the answer has many insertions).
@@ -8,45 +8,27 @@ Conventions (the README repeats them):
 - BLEU is sacrebleu's corpus BLEU (tokenizer `13a` for English, `zh` for Chinese).
 - ROUGE-L is the mean over pairs of the LCS F1 (beta = 1); Chinese is compared character by character,
   English word by word.
-- Emotion trajectory: see `extract_emotions` and `emotion_trajectory_scores`.
+- Emotion trajectory: an answer is read as slots, one per clause that names emotions (`emotion_slots`); slot i
+  goes with gold turn i (`aligned_emotions`), and a turn is right when its label is among its slot's emotions.
+  A final neutral turn (HumDial's closing question) is not scored (`scored_turns`). Negated words name nothing.
+  `python -m scripts.measure_trajectory_metric <task1_3.jsonl>` checks the metric on real release text.
+- Language match: % of answers written in their dialogue's language (`written_language`); it needs no
+  reference, so blind test sets get it too.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import jiwer
 import sacrebleu
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-from convert import EMOTIONS  # the 7 HumDial labels, defined once with the data
-
-# Words that name an emotion, mapped to one of EMOTIONS. Longer entries win over shorter ones at the same
-# position, so "不开心" is sad rather than happy and "unhappy" never reads as "happy".
-EMOTION_WORDS: dict[str, tuple[str, ...]] = {
-    "happy": ("happy", "happiness", "happily", "joy", "joyful", "joyous", "glad", "cheerful", "delighted",
-              "开心", "高兴", "快乐", "愉快", "喜悦", "兴奋"),
-    "sad": ("sad", "sadness", "sadly", "unhappy", "sorrow", "sorrowful", "upset", "depressed", "heartbroken",
-            "难过", "伤心", "悲伤", "沮丧", "失落", "不开心", "不高兴", "悲痛"),
-    "anger": ("anger", "angry", "angrily", "furious", "fury", "rage", "annoyed", "irritated", "mad",
-              "生气", "愤怒", "恼火", "气愤", "发火"),
-    "fear": ("fear", "fearful", "afraid", "scared", "frightened", "terrified", "anxious", "nervous", "worried",
-             "害怕", "恐惧", "惊恐", "担心", "紧张", "焦虑"),
-    "neutral": ("neutral", "calm", "calmly", "平静", "中性", "中立", "平和", "冷静"),
-    "surprise": ("surprise", "surprised", "surprising", "astonished", "amazed", "shocked",
-                 "惊讶", "吃惊", "惊奇", "震惊"),
-    "disgust": ("disgust", "disgusted", "disgusting", "revolted", "repulsed",
-                "厌恶", "恶心", "反感", "嫌弃"),
-}
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-def is_chinese(text: str) -> bool:
-    """True when the text contains CJK ideographs: the cue for character-level scoring."""
-    return bool(_CJK.search(text))
-
+from labels import CJK_CHARACTER, CJK_RANGES, EMOTIONS, canonical_emotion, is_chinese, text_language
 
 _english_normalizer = EnglishTextNormalizer()
 _basic_normalizer = BasicTextNormalizer()
@@ -95,8 +77,7 @@ def bleu(references: list[str], hypotheses: list[str], language: str = "en") -> 
 
 def rouge_tokens(text: str, language: str) -> list[str]:
     """Normalised tokens: each CJK character is a token, any other run of non-space characters is a word."""
-    return re.findall(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+",
-                      normalize(text, language))
+    return re.findall(f"[{CJK_RANGES}]|[^\\s{CJK_RANGES}]+", normalize(text, language))
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -127,61 +108,258 @@ def rouge_l(references: list[str], hypotheses: list[str], language: str = "en") 
     return 100.0 * sum(scores) / len(scores)
 
 
-def _emotion_pattern() -> re.Pattern[str]:
-    """One alternation over every emotion word, longest first; English words need word boundaries."""
-    words = sorted((w for ws in EMOTION_WORDS.values() for w in ws), key=len, reverse=True)
-    parts = [re.escape(w) if is_chinese(w) else rf"\b{re.escape(w)}\b" for w in words]
-    return re.compile("|".join(parts), re.IGNORECASE)
+# --------------------------------------------------------------------------------------- emotion trajectory
+# Words that name an emotion, by label, in both languages: each label's synonym family. A word listed under two
+# labels names both (惊喜 is a pleasant surprise: surprise and happy). At one position the longest entry wins, so
+# "不开心" is sad rather than happy; English entries match whole words only, so "sadist" names nothing.
+EMOTION_WORDS: dict[str, tuple[str, ...]] = {
+    "happy": ("happy", "happiness", "happily", "joy", "joyful", "joyous", "glad", "cheerful", "delight",
+              "delighted", "excited", "excitement", "thrilled", "elated", "elation", "ecstatic", "overjoyed",
+              "pleased", "jubilant", "relieved", "relief",
+              "开心", "高兴", "快乐", "愉快", "愉悦", "喜悦", "欢喜", "欢乐", "欣喜", "欢欣鼓舞", "兴奋", "振奋",
+              "激动", "雀跃", "狂喜", "幸福", "满足", "欣慰", "宽慰", "释然", "期待", "惊喜"),
+    "sad": ("sad", "sadness", "sadly", "unhappy", "sorrow", "sorrowful", "grief", "grieving", "upset",
+            "depressed", "heartbroken", "disappointed", "disappointment", "dejected", "miserable", "gloomy",
+            "melancholy", "nostalgic", "nostalgia",
+            "难过", "伤心", "悲伤", "悲痛", "悲哀", "哀伤", "忧伤", "伤感", "感伤", "沮丧", "失落", "失望", "低落",
+            "心碎", "痛苦", "遗憾", "委屈", "心疼", "同情", "怀念", "思念", "不舍", "无奈", "挫败", "郁闷",
+            "不开心", "不高兴", "不快", "不愉快"),
+    "anger": ("anger", "angry", "angrily", "furious", "fury", "rage", "enraged", "outraged", "outrage", "livid",
+              "irate", "mad", "annoyed", "annoyance", "irritated", "irritation", "frustrated", "frustration",
+              "resentful", "resentment", "indignant", "indignation", "infuriated",
+              "生气", "愤怒", "恼火", "恼怒", "气愤", "愤慨", "愤恨", "发火", "激怒", "暴怒", "怒火", "火大", "烦躁",
+              "不满", "窝火", "抓狂"),
+    "fear": ("fear", "fearful", "afraid", "scared", "frightened", "terrified", "terror", "anxious", "anxiety",
+             "nervous", "nervousness", "worried", "worry", "dread", "panic", "panicked", "uneasy", "unease",
+             "apprehensive", "alarmed", "tense",
+             "害怕", "恐惧", "惊恐", "恐慌", "惊慌", "慌张", "担心", "担忧", "紧张", "焦虑", "不安", "忐忑", "畏惧",
+             "惶恐", "惊吓", "后怕", "心慌"),
+    "neutral": ("neutral", "calm", "calmly", "calmer", "composed", "relaxed", "at ease", "peaceful", "serene",
+                "steady",
+                "平静", "平和", "平稳", "冷静", "淡定", "从容", "坦然", "放松", "轻松", "安心", "中性", "中立"),
+    "surprise": ("surprise", "surprised", "surprising", "astonished", "astonishment", "amazed", "amazement",
+                 "shocked", "shock", "stunned", "startled", "astounded", "curious", "curiosity", "confused",
+                 "puzzled", "bewildered", "disbelief",
+                 "惊讶", "吃惊", "惊奇", "震惊", "诧异", "惊愕", "意想不到", "难以置信", "好奇", "困惑", "惊喜"),
+    "disgust": ("disgust", "disgusted", "disgusting", "revolted", "revulsion", "repulsed", "repulsion", "repelled",
+                "gross", "grossed out", "sickened", "nauseated", "loathing",
+                "厌恶", "恶心", "反感", "嫌弃", "讨厌", "反胃", "作呕", "憎恶", "嫌恶", "厌烦"),
+}
+
+# A negator just before an emotion word cancels it ("not happy", "no longer angry", "wasn't at all scared",
+# "不再生气", "没有感到害怕", "别担心"). English allows two words in between; Chinese a run of adverbs and verbs.
+# 别 negates only as an imperative (opening a clause, or after 你/您/请), not as the end of 特别, 告别 ...
+# Words that are negated forms themselves (不开心, 不安, unhappy) are entries of EMOTION_WORDS and stay.
+_NEGATION_BEFORE_RE = re.compile(
+    r"(?:\b(?:not|never|no|nor|without|hardly|cannot)|n['’]t)(?:\s+\w+){0,2}\s+$"
+    f"|(?:不|没|未|毫无|(?:(?<=[你您请])|(?<![{CJK_RANGES}]))别)(?:再|有|了|太|很|那么|怎么|是|会|用|必|曾|感到|觉得)*$",
+    re.IGNORECASE)
+
+# Where the description of one turn ends and the next begins: punctuation (、 included: a list of emotions is
+# read as a list of turns) and the connectives of "from X to Y", "first ..., then ..., finally ..." in both
+# languages. 到 ends a turn unless it completes a verb (感到, 收到, 看到, 想不到 ...); 再 unless it is 不再.
+# "and", 和, 与, 而, 又 join words of one turn ("surprise and excitement", 兴奋好奇, 因惊喜而兴奋, 又惊又喜).
+_TURN_BOUNDARY_RE = re.compile(
+    r"[，,。.！!？?；;：:、…—\n]"
+    r"|(?<![感受收看听见找遇得想识意说提抢回来达碰拿学踩做不])到|(?<!不)再"
+    r"|转为|转向|转变|转到|转而|转成|变成|变为|变得|然后|接着|随后|后来|之后|最后|最终|继而|现在|如今"
+    r"|但是|但|却|不过|可是"
+    r"|\b(?:to|into|then|later|afterwards|finally|eventually|ultimately|in the end|but|until|now|became|turned)\b",
+    re.IGNORECASE)
 
 
-_EMOTION_RE = _emotion_pattern()
-_WORD_TO_EMOTION = {w.lower(): label for label, ws in EMOTION_WORDS.items() for w in ws}
+def _word_regex(word: str) -> str:
+    """A lexicon entry as a regex: Chinese as is, English as whole words with any spacing."""
+    if is_chinese(word):
+        return re.escape(word)
+    return r"\b" + r"\s+".join(re.escape(part) for part in word.split()) + r"\b"
 
 
-def canonical_emotion(word: str) -> str:
-    """Map a label or emotion word ('Angry', '生气', 'anger') to one of EMOTIONS; ValueError if unknown."""
-    label = _WORD_TO_EMOTION.get(word.strip().lower())
-    if label is None:
-        raise ValueError(f"unknown emotion label {word!r}; expected one of {', '.join(EMOTIONS)}")
-    return label
+_EMOTION_RE = re.compile("|".join(_word_regex(w) for w in sorted(
+    {w for words in EMOTION_WORDS.values() for w in words}, key=len, reverse=True)), re.IGNORECASE)
+# Entry -> the labels it names, in EMOTIONS order.
+_WORD_EMOTIONS = {word.lower(): tuple(label for label in EMOTIONS if word in EMOTION_WORDS[label])
+                  for words in EMOTION_WORDS.values() for word in words}
+
+
+def _emotion_mentions(answer: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(position, labels) of each emotion word the answer asserts, in order; negated words are left out."""
+    mentions = []
+    for match in _EMOTION_RE.finditer(answer):
+        if not _NEGATION_BEFORE_RE.search(answer[max(0, match.start() - 40):match.start()]):
+            mentions.append((match.start(), _WORD_EMOTIONS[re.sub(r"\s+", " ", match.group(0).lower())]))
+    return mentions
 
 
 def extract_emotions(answer: str) -> list[str]:
-    """The emotions an answer names, in order of appearance, one entry per mention.
+    """The emotions an answer names, in order of appearance, one entry per word (two for a word naming two).
 
-    Repeats are kept, never collapsed: "sad at first, still sad, then happy" is [sad, sad, happy], which is
-    how a three-turn gold trajectory (sad, sad, happy) is spelled. The price is that an answer which names an
-    emotion once for several turns ("stayed sad throughout") scores those later turns as missing. Negation is
-    not parsed in English ("not happy" reads as happy); the common Chinese negated forms (不开心, 不高兴) are
-    listed as sad.
+    Repeats are kept, never collapsed: "sad at first, still sad, then happy" is [sad, sad, happy]. Negated words
+    ("not happy", "不再生气") name nothing. Which words go with which turn is `emotion_slots`' business.
     """
-    return [_WORD_TO_EMOTION[m.group(0).lower()] for m in _EMOTION_RE.finditer(answer)]
+    return [label for _, labels in _emotion_mentions(answer) for label in labels]
+
+
+def emotion_slots(answer: str) -> list[tuple[str, ...]]:
+    """The emotions the answer gives each stage of the trajectory, in order: one slot per clause that names any.
+
+    A clause runs between two turn boundaries (punctuation, or a connective such as 到, 然后, 最后, "to",
+    "then"). Words in one clause describe one turn, so "先是欣喜又好奇，后来震惊而且厌恶" gives two slots,
+    (happy, surprise) and (surprise, disgust); each slot lists its labels in order of mention.
+    """
+    boundaries = [m.start() for m in _TURN_BOUNDARY_RE.finditer(answer)]
+    slots: dict[int, list[str]] = {}
+    for position, labels in _emotion_mentions(answer):
+        slot = slots.setdefault(bisect.bisect_right(boundaries, position), [])
+        slot.extend(label for label in labels if label not in slot)
+    return [tuple(slot) for slot in slots.values()]
+
+
+def aligned_emotions(answer: str, num_turns: int) -> list[tuple[str, ...]]:
+    """Per gold turn, the emotions the answer gives it: the i-th slot of `emotion_slots` goes with turn i.
+
+    Returns `num_turns` tuples of labels (JSON-ready as lists of strings); () for a turn the answer leaves
+    unnamed. Slots beyond `num_turns` are ignored: answers often retell the trajectory a second time.
+    """
+    slots = emotion_slots(answer)[:num_turns]
+    return slots + [()] * (num_turns - len(slots))
+
+
+def scored_turns(gold: list[str]) -> list[str]:
+    """The gold labels a trajectory is scored on: all of them but a final neutral turn after others.
+
+    In HumDial the final turn is the user's question about the conversation, labelled neutral by construction.
+    It is left out because it says nothing about whether the answer followed the dialogue: counted right when
+    named calm, it gives every "..., finally calm" template a free third of the score (a fixed answer then beats
+    45 % on the real release); counted right when unnamed too, it rewards answers that name nothing; and the
+    reference answers themselves treat it loosely (calm, unnamed, or a relieved or positive closing state).
+    """
+    return gold[:-1] if len(gold) > 1 and gold[-1] == "neutral" else gold
 
 
 @dataclass(frozen=True)
 class TrajectoryScores:
-    exact_match: float      # % of samples whose extracted sequence equals the gold sequence exactly
-    turn_accuracy: float    # % of gold turns whose position holds the right emotion (micro-average over turns)
+    exact_match: float      # % of samples whose every scored turn is right
+    turn_accuracy: float    # % of scored turns that are right (micro-average over turns)
     num_samples: int
-    num_turns: int
+    num_turns: int          # scored turns: a final neutral question turn is not counted (see scored_turns)
 
 
 def emotion_trajectory_scores(gold: list[list[str]], answers: list[str]) -> TrajectoryScores:
-    """Compare the emotions extracted from each answer with its gold per-turn labels.
+    """How well each answer describes its gold per-turn emotion trajectory.
 
-    Turn i of a sample is right when the i-th extracted emotion equals gold label i. Scoring runs over the gold
-    length: a missing prediction counts as wrong and extra predictions beyond it are ignored by the per-turn
-    accuracy, but they do break the exact match (which needs equal length and order).
+    Turn i is right when its gold label is among the emotions of the answer's i-th slot (`aligned_emotions`), so
+    "兴奋好奇" for a surprised turn is right, and an unnamed turn is wrong. The final neutral question turn is not
+    scored (`scored_turns`). Extra slots beyond the gold turns are ignored, by the exact match too.
     """
     _check_pairs(gold, answers)
     exact, correct, turns = 0, 0, 0
     for labels, answer in zip(gold, answers):
-        expected = [canonical_emotion(label) for label in labels]
-        predicted = extract_emotions(answer)
-        exact += predicted == expected
-        correct += sum(p == e for p, e in zip(predicted, expected))
+        expected = scored_turns([canonical_emotion(label) for label in labels])
+        hits = [label in slot for label, slot in zip(expected, aligned_emotions(answer, len(expected)))]
+        exact += all(hits)
+        correct += sum(hits)
         turns += len(expected)
     if turns == 0:
         raise ValueError("no gold emotion labels to score")
     return TrajectoryScores(exact_match=100.0 * exact / len(gold), turn_accuracy=100.0 * correct / turns,
                             num_samples=len(gold), num_turns=turns)
+
+
+# ------------------------------------------------------------------------------------------------- language
+_LATIN_WORD_RE = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+
+
+def written_language(text: str) -> str | None:
+    """'zh' when CJK ideographs outnumber Latin words, else 'en'; None for text with neither (empty, symbols).
+
+    A Chinese character is weighed against an English word, not a letter, so "收到offer很开心" stays Chinese
+    and an English answer quoting one Chinese word stays English.
+    """
+    cjk, latin = len(CJK_CHARACTER.findall(text)), len(_LATIN_WORD_RE.findall(text))
+    if cjk == latin == 0:
+        return None
+    return "zh" if cjk > latin else "en"
+
+
+def language_match(answers: list[str], languages: list[str]) -> float:
+    """% of answers written in their dialogue's language ('zh' or 'en'); an empty answer matches neither."""
+    if len(answers) != len(languages):
+        raise ValueError(f"{len(answers)} answers but {len(languages)} languages")
+    if not answers:
+        raise ValueError("no answers to score")
+    unknown = set(languages) - {"zh", "en"}
+    if unknown:
+        raise ValueError(f"unknown languages {sorted(unknown)}; expected 'zh' or 'en'")
+    return 100.0 * sum(written_language(a) == lang for a, lang in zip(answers, languages)) / len(answers)
+
+
+# ---------------------------------------------------------------------------------------------- decoded records
+TRAJECTORY_TASKS = ("emotional_trajectory",)
+
+
+def record_language(record: dict[str, Any]) -> str:
+    """The record's language, or the language its reference is written in."""
+    return record.get("language") or text_language(record["reference"])
+
+
+def reference_scores(task: str, language: str, records: list[dict[str, Any]]) -> dict[str, float]:
+    """WER (English) or CER (Chinese) for `asr*` tasks, BLEU and ROUGE-L for the others; none when no record has
+    a reference (a blind test set)."""
+    refs = [r["reference"] for r in records]
+    hyps = [r["prediction"] for r in records]
+    if not any(ref.strip() for ref in refs):
+        return {}
+    if task.startswith("asr"):
+        return {"cer": cer(refs, hyps)} if language == "zh" else {"wer": wer(refs, hyps)}
+    return {"bleu": bleu(refs, hyps, language), "rouge_l": rouge_l(refs, hyps, language)}
+
+
+def gold_trajectories(task: str, records: list[dict[str, Any]]) -> list[list[str]] | None:
+    """Every record's per-turn gold labels; None when no turn has one (a blind test set), ValueError when only
+    some do (a half-labelled set would be scored on the wrong turns)."""
+    if not any(label for r in records for label in r.get("emotions") or []):
+        return None
+    if not all(r.get("emotions") and all(r["emotions"]) for r in records):
+        raise ValueError(f"task {task}: some records lack gold per-turn emotion labels; label every turn")
+    return [r["emotions"] for r in records]
+
+
+def score_group(task: str, language: str, records: list[dict[str, Any]]) -> dict[str, float]:
+    """The metrics that fit one task in one language. language_match needs no reference, so a blind test set
+    gets it too; the text metrics need references and the trajectory scores need gold per-turn labels."""
+    hyps = [r["prediction"] for r in records]
+    scores = reference_scores(task, language, records)
+    gold = gold_trajectories(task, records) if task in TRAJECTORY_TASKS else None
+    if gold is not None:
+        trajectory = emotion_trajectory_scores(gold, hyps)
+        scores.update(emotion_exact=trajectory.exact_match, emotion_turn_acc=trajectory.turn_accuracy)
+    scores["language_match"] = language_match(hyps, [language] * len(hyps))
+    return scores
+
+
+def group_records(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Records by (task, language), sorted."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[record["task"], record_language(record)].append(record)
+    return dict(sorted(groups.items()))
+
+
+def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Flat `{task}/{language}/{metric}` -> score (%) of decoded records ({task, prediction, reference,
+    language?, emotions?}); the language is read from the reference when absent."""
+    return {f"{task}/{language}/{name}": value
+            for (task, language), group in group_records(records).items()
+            for name, value in score_group(task, language, group).items()}
+
+
+def format_table(scores: dict[str, float], counts: dict[str, int]) -> str:
+    """The scores as an aligned text table: task, language, samples, metric, score."""
+    rows = [("task", "lang", "n", "metric", "score")]
+    for key, value in scores.items():
+        task, language, name = key.split("/")
+        rows.append((task, language, str(counts[f"{task}/{language}"]), name, f"{value:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)

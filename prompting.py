@@ -22,12 +22,12 @@ import os
 import random
 from dataclasses import dataclass
 
+from models import SPEECH_SLOT
+
 log = logging.getLogger(__name__)
 
-SPEECH_SLOT = "<SpeechHere>"
-SPEECH_TAG = "<Speech><SpeechHere></Speech>"
+SPEECH_TAG = f"<Speech>{SPEECH_SLOT}</Speech>"
 QUESTION_SLOT = "{}"
-DEFAULT_TEMPLATE = "USER: {}\nASSISTANT:"
 
 # Labels of the per-turn block (each with its separator), per language; English for any other language.
 TURN_LABELS = {
@@ -100,7 +100,7 @@ def choose_prompt(prompts: dict[str, list[str]], task: str, question: str = "",
     return fill_question(prompt, question)
 
 
-def prompt_task(prompts: dict[str, list[str]], task: str, language: str) -> str:
+def prompt_key(prompts: dict[str, list[str]], task: str, language: str) -> str:
     """The prompt-file key for a task in a language: `task_zh` when the file has it (as `asr_zh`), else `task`."""
     localized = f"{task}_{language}"
     return localized if localized in prompts else task
@@ -132,8 +132,7 @@ def expand_turns(prompt: str, turns: list[TurnText], language: str = "en") -> st
     return head + turn_block(turns, language) + separator + tail
 
 
-def question_prompt(question: str, num_turns: int, template: str = DEFAULT_TEMPLATE,
-                    language: str = "en") -> str:
+def question_prompt(question: str, num_turns: int, template: str, language: str = "en") -> str:
     """A full prompt for a plain question about `num_turns` audio files (CLI, web demo): one file is asked
     about the original way (`<Speech><SpeechHere></Speech> question`), several as a per-turn block."""
     if num_turns < 1:

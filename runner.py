@@ -36,12 +36,18 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from config import ConfigError, config_to_dict
+from dataset_v1 import build_dataset, collate
+from inference import decode, write_decode_outputs
+from metrics import score_records
+from models.salmonn import SALMONN
 from utils import (
     DistInfo,
     all_reduce_sum,
+    autocast,
+    autocast_dtype,
     barrier,
     broadcast_object,
-    config_to_dict,
     gather_objects,
     rng_state,
     seed_everything,
@@ -52,26 +58,21 @@ log = logging.getLogger("salmonn.runner")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_step(\d+)\.pth$")
 BEST_NAME = "checkpoint_best.pth"
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# What a training checkpoint holds (Runner.save_checkpoint writes them; docs/design.md says what each means).
+CHECKPOINT_FIELDS = ("model", "optimizer", "scheduler", "scaler", "config", "epoch", "step", "rng", "data_position",
+                     "world_size", "skipped_steps", "best", "valid")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and run.nonfinite_loss is 'stop'."""
 
 
+class OutputDirInUse(ConfigError):
+    """A fresh run was pointed at a folder that holds another run's checkpoints."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # small pure helpers
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for run.precision (None = fp32): auto is bf16 on GPUs that have it, else fp16; fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in PRECISIONS:
-        raise ValueError(f"run.precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-    return PRECISIONS[precision]
 
 
 def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, warmup_start_lr: float, init_lr: float,
@@ -126,6 +127,19 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"run.resume: checkpoint not found: '{resume}'")
     return path
+
+
+def check_fresh_output_dir(output_dir: Path, resume: str) -> None:
+    """Refuse to start a fresh run (no run.resume) in a folder that holds checkpoints: its checkpoint_best.pth,
+    metrics.jsonl and step checkpoints belong to another run, which a new one would silently replace or prune."""
+    if resume:
+        return
+    found = sorted(p.name for p in output_dir.glob("checkpoint_*.pth"))
+    if found:
+        raise OutputDirInUse(
+            f"run.output_dir '{output_dir}' already holds a run ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, choose another run.output_dir, "
+            "or move the old run aside yourself")
 
 
 def _every(step: int, period: int) -> bool:
@@ -188,7 +202,35 @@ class StepResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the runner
+# building the model and data, and the runner
+
+
+SPLITS = {"train": "train_ann_path", "valid": "valid_ann_path", "test": "test_ann_path"}
+
+
+def build_model(cfg: DictConfig):
+    """SALMONN from the `model:` section (loading the LLM can take minutes for the real model)."""
+    log.info("building the model (LLM %s, Whisper %s, BEATs %s)...", cfg.model.llama_path, cfg.model.whisper_path,
+             cfg.model.beats_path or "none")
+    t0 = time.perf_counter()
+    model = SALMONN.from_config(cfg.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model built in %.1f s: %.2fM parameters, %.2fM trainable", time.perf_counter() - t0, total / 1e6,
+             trainable / 1e6)
+    return model
+
+
+def build_datasets(cfg: DictConfig, splits: list[str]) -> dict[str, Dataset]:
+    """The splits whose annotation path is set; feature extraction happens lazily in the data loader."""
+    datasets = {}
+    for split in splits:
+        ann_path = cfg.datasets[SPLITS[split]]
+        if not ann_path:
+            continue
+        datasets[split] = build_dataset(ann_path, cfg.datasets, split, cfg.model, seed=cfg.run.seed)
+        log.info("%s split: %d samples from %s", split, len(datasets[split]), ann_path)
+    return datasets
 
 
 class Runner:
@@ -201,7 +243,7 @@ class Runner:
         self.device = dist_info.device
         self.output_dir = Path(self.run_cfg.output_dir)
         self.audio_seconds: list[float] | None = None  # per training sample, read once for group_by_length
-        self.amp_dtype = resolve_precision(self.run_cfg.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.run_cfg.precision, self.device, model.llm_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._check_run_config()
 
@@ -273,9 +315,7 @@ class Runner:
         return model
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.amp_dtype, self.device)
 
     # ---------------------------------------------------------------- data
     def _train_loader(self, data_epoch: int, skip_batches: int) -> DataLoader:
@@ -298,7 +338,7 @@ class Runner:
             batches = SkipBatchSampler(batches, skip_batches=skip_batches)
         # A generator of its own: worker seeds must not draw from (and so shift) the global RNG.
         generator = torch.Generator().manual_seed(self.run_cfg.seed + data_epoch)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collater,
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                           num_workers=self.run_cfg.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda")
 
@@ -311,7 +351,7 @@ class Runner:
             indices = indices + indices[:pad]
         share = Subset(dataset, indices[self.dist.rank:: self.dist.world_size])
         return DataLoader(share, sampler=SequentialSampler(share), batch_size=self.run_cfg.batch_size_eval,
-                          collate_fn=dataset.collater, num_workers=self.run_cfg.num_workers,
+                          collate_fn=collate, num_workers=self.run_cfg.num_workers,
                           generator=torch.Generator().manual_seed(self.run_cfg.seed),
                           pin_memory=self.device.type == "cuda")
 
@@ -502,22 +542,9 @@ class Runner:
     def decode(self, split: str, limit: int = 0) -> list[dict[str, Any]]:
         """Decode a split with the `generate:` settings: [{id, task, prompt, prediction, reference, language,
         emotions}] in dataset order on rank 0 (an empty list on the other ranks)."""
-        model = self.model
-        model.eval()
-        from cli_inference import without_unused_sampling
-
-        generate_cfg = without_unused_sampling(config_to_dict(self.cfg.generate))
-        records: list[dict[str, Any]] = []
-        loader = self._eval_loader(split, limit)
-        for batch in tqdm(loader, desc=f"decode {split}", disable=not self.dist.is_main, dynamic_ncols=True):
-            prompts = list(batch["prompt"]) if batch.get("prompt") is not None else model._prompts_for(batch)
-            with self._autocast(), self._full_params():
-                predictions = model.generate(batch, generate_cfg, prompts=prompts)
-            for i, prediction in enumerate(predictions):
-                records.append({"id": batch["id"][i], "task": batch["task"][i], "prompt": prompts[i],
-                                "prediction": prediction, "reference": batch["text"][i],
-                                "language": batch.get("language", [""] * len(predictions))[i],
-                                "emotions": batch.get("emotions", [[]] * len(predictions))[i]})
+        self.model.eval()
+        records = list(decode(self.model, self._eval_loader(split, limit), config_to_dict(self.cfg.generate),
+                              self.amp_dtype, full_params=self._full_params, show_progress=self.dist.is_main))
         shards = gather_objects(records)
         if not self.dist.is_main:
             return []
@@ -534,21 +561,20 @@ class Runner:
         return _Unsharded(self.wrapped)
 
     def evaluate(self, split: str = "test") -> Path:
-        """Decode a split to <output_dir>/predictions_<split>.json and its task metrics (when it has references)
-        to scores_<split>.json (run.evaluate: true)."""
+        """`run.evaluate: true`: decode a split into <output_dir>/eval_<annotation name>/, the files evaluate.py
+        writes (predictions.jsonl, submission_<task>.csv, scores.json). Returns that folder."""
         if split not in self.datasets:
             raise ValueError(f"run.evaluate needs datasets.{split}_ann_path")
+        ann_path = self.cfg.datasets[f"{split}_ann_path"]
+        out_dir = self.output_dir / f"eval_{Path(ann_path).stem}"
         records = self.decode(split)
-        path = self.output_dir / f"predictions_{split}.json"
         if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-            scores = score_records(records)
-            (self.output_dir / f"scores_{split}.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
-            log.info("wrote %d predictions to %s; scores: %s", len(records), path,
+            scores, _ = write_decode_outputs(records, out_dir, self.cfg,
+                                             {"annotation": str(ann_path), "generate": config_to_dict(self.cfg.generate)})
+            log.info("wrote %d predictions to %s; scores: %s", len(records), out_dir,
                      ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "none (no references)")
         barrier()
-        return path
+        return out_dir
 
     # ---------------------------------------------------------------- checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -632,8 +658,7 @@ class Runner:
     def _read_checkpoint(path: Path) -> dict[str, Any]:
         log.info("reading checkpoint %s", path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step", "rng", "data_position")
-                   if k not in ckpt]
+        missing = [k for k in CHECKPOINT_FIELDS if k not in ckpt]
         if missing:
             raise KeyError(f"{path} cannot resume training: it lacks {missing} (a weights-only checkpoint such as "
                            f"salmonn_v1.pth goes in model.ckpt instead)")
@@ -677,10 +702,3 @@ class _Unsharded:
         for unit in self.units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
-
-
-def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Task metrics of decoded records, `{task}/{language}/{metric}` -> % (evaluate.py's scorer)."""
-    from evaluate import score_predictions
-
-    return score_predictions(records)

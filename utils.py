@@ -1,17 +1,15 @@
-"""Config loading and validation, logging, seeding and distributed helpers shared by the scripts.
-
-The config is one YAML per experiment with `model:`, `datasets:`, `run:` and `generate:` sections (the
-original SALMONN layout). `load_config` merges `--options a.b=c` overrides, checks every key against the
-schema below (so a misspelt key fails at start, naming the closest known key) and fills defaults.
-"""
+"""Logging, seeding and RNG state, the device and autocast policy, and distributed helpers shared by training
+and inference. (The config lives in config.py.)"""
 
 from __future__ import annotations
 
-import difflib
+import hashlib
 import logging
 import os
 import random
+import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,204 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from models.salmonn import DEFAULTS as MODEL_DEFAULTS
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run: unknown, missing, retired or mistyped key."""
-
-
-REQUIRED = "???"  # OmegaConf's marker for a value that must be given
-
-# Every known key per section with its default. A nested dict is a sub-section (run.optims).
-# A default of None accepts any type; otherwise the value must have the default's type (int is accepted
-# where a float is expected).
-SCHEMA: dict[str, dict[str, Any]] = {
-    # The model's keys and defaults live with the model (models/salmonn.py); the two paths must be given.
-    "model": {**MODEL_DEFAULTS, "llama_path": REQUIRED, "whisper_path": REQUIRED},
-    "datasets": {
-        "train_ann_path": "",  # annotation JSON written by convert.py (relative audio paths: its folder)
-        "valid_ann_path": "",
-        "test_ann_path": "",
-        "turn_mode": "per_turn",  # per_turn: one <SpeechHere> slot per user turn | concat: the original fine-tune
-        "text_inputs": "audio",  # audio | audio+transcript | audio+transcript+replies
-        "concat_gap_s": 0.5,  # silence between turns in concat mode
-        "silence_audio": False,  # ablation: every clip replaced by zeros of the same length
-        # None = the model section's value
-        "whisper_path": None,
-        "prompt_path": None,
-        "test_prompt_path": None,
-        "prompt_template": None,
-    },
-    "run": {
-        "seed": 42,
-        "output_dir": "outputs/run",
-        "evaluate": False,  # only decode the test split to <output_dir>/predictions_test.json
-        "resume": "",  # '' | 'auto' (latest checkpoint in output_dir) | path to a checkpoint
-        "device": "auto",  # auto (cuda if available) | cuda | cpu
-        "precision": "auto",  # auto (bf16 on GPUs that support it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
-        "fsdp": False,  # shard the model over the ranks (LLMs that do not fit one GPU)
-        "log_freq": 5,
-        "epoch_based": False,  # True: an epoch is one pass over the training data
-        "iters_per_epoch": 3000,  # optimizer steps per epoch when epoch_based is False
-        "accum_grad_iters": 1,
-        "batch_size_train": 8,  # per process
-        "batch_size_eval": 8,
-        "num_workers": 4,
-        "group_by_length": False,  # batches of samples of alike audio length: less padding, faster steps
-        "grad_clip": 1.0,  # max global grad norm; 0 = no clipping
-        "nonfinite_loss": "stop",  # stop | skip (skip the step and count it)
-        "valid_every_steps": 0,  # 0 = validate at the end of each epoch only
-        "valid_decode_samples": 0,  # decode this many validation samples and score them with metrics.py
-        "best_metric": "acc",  # a validation metric name: loss, acc, or a decode metric (e.g. wer)
-        "best_metric_mode": "max",  # max | min
-        "save_every_steps": 0,  # 0 = checkpoint at the end of each epoch only
-        "keep_last": 2,  # step/epoch checkpoints kept besides checkpoint_best.pth
-        "optims": {
-            "max_epoch": 30,
-            "warmup_steps": 3000,
-            "warmup_start_lr": 1e-6,
-            "init_lr": 3e-5,
-            "min_lr": 1e-5,
-            "weight_decay": 0.05,
-            "beta1": 0.9,
-            "beta2": 0.999,
-            "eps": 1e-8,
-        },
-    },
-    "generate": {
-        "max_new_tokens": 200,
-        "num_beams": 4,
-        "do_sample": False,
-        "min_length": 1,
-        "temperature": 1.0,
-        "top_p": 0.9,
-        "repetition_penalty": 1.0,
-        "length_penalty": 1.0,
-    },
-}
-
-# Keys of the original SALMONN configs that this repo does not use, and what to do instead.
-RETIRED: dict[str, str] = {
-    "run.amp": "use run.precision: auto | bf16 | fp16 | fp32",
-    "run.use_distributed": "distributed runs start with torchrun; remove the key",
-    "run.world_size": "torchrun sets the world size (--nproc_per_node/--nnodes); remove the key",
-    "run.dist_url": "torchrun sets the rendezvous; remove the key",
-    "run.gpu": "torchrun sets LOCAL_RANK; remove the key",
-    "run.job_name": "use run.output_dir",
-    "model.device_8bit": "8-bit loading is not supported; remove the key",
-    "datasets.prefix": "audio paths resolve against the annotation file's folder (convert.py writes them so)",
-}
-
-# Keys whose value must be one of a few words.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.torch_dtype": ("float32", "bfloat16", "float16"),
-    "datasets.turn_mode": ("per_turn", "concat"),
-    "datasets.text_inputs": ("audio", "audio+transcript", "audio+transcript+replies"),
-    "run.device": ("auto", "cuda", "cpu"),
-    "run.precision": ("auto", "bf16", "fp16", "fp32"),
-    "run.nonfinite_loss": ("stop", "skip"),
-    "run.best_metric_mode": ("max", "min"),
-}
-
-# Sections that are always present (filled with defaults when the file has none).
-ALWAYS_PRESENT = ("run", "generate")
-
-
-def load_config(cfg_path: str | list[str], options: list[str] | None = None,
-                required_sections: tuple[str, ...] = ()) -> DictConfig:
-    """Read a YAML config (several are merged in order, a later file winning), apply `key=value` overrides,
-    validate it against SCHEMA and fill defaults.
-
-    Raises ConfigError naming the offending key (with the closest known key for a misspelling).
-    """
-    paths = [cfg_path] if isinstance(cfg_path, (str, os.PathLike)) else list(cfg_path)
-    files = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        files.append(loaded)
-    user = OmegaConf.merge(*files, _parse_options(options or []))
-    user_dict = OmegaConf.to_container(user, resolve=True)
-
-    resolved: dict[str, Any] = {}
-    _check_unknown(user_dict, SCHEMA, prefix="")
-    for section, schema in SCHEMA.items():
-        if section in user_dict:
-            given = user_dict[section] if user_dict[section] is not None else {}
-            resolved[section] = _fill_section(given, schema, prefix=section)
-        elif section in ALWAYS_PRESENT:
-            resolved[section] = _fill_section({}, schema, prefix=section)
-    for section in required_sections:
-        if section not in resolved:
-            raise ConfigError(f"{' + '.join(map(str, paths))}: the `{section}:` section is required")
-    return OmegaConf.create(resolved)
-
-
-def _parse_options(options: list[str]) -> DictConfig:
-    """`["a.b=c", ...]` -> config; values are parsed as YAML (numbers, bools, lists)."""
-    for option in options:
-        if "=" not in option:
-            raise ConfigError(f"--options expects key=value, got {option!r}")
-    return OmegaConf.from_dotlist(options)
-
-
-def _check_unknown(given: dict[str, Any], schema: dict[str, Any], prefix: str) -> None:
-    """Fail on the first key that the schema does not know, suggesting the closest known one."""
-    for key, value in given.items():
-        name = f"{prefix}{key}"
-        if name in RETIRED:
-            raise ConfigError(f"config key `{name}` is not used by this repo: {RETIRED[name]}")
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
-            known = ", ".join(sorted(schema))
-            raise ConfigError(f"unknown config key `{name}`{hint} (known keys here: {known})")
-        if isinstance(schema[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key `{name}` must be a section (a mapping), got {value!r}")
-            _check_unknown(value, schema[key], prefix=f"{name}.")
-
-
-def _fill_section(given: dict[str, Any], schema: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Merge `given` over the defaults, failing on a missing required key or a mistyped value."""
-    out: dict[str, Any] = {}
-    for key, default in schema.items():
-        name = f"{prefix}.{key}"
-        if isinstance(default, dict):
-            out[key] = _fill_section(given.get(key) or {}, default, prefix=name)
-            continue
-        value = given.get(key, default)
-        if value == REQUIRED:
-            raise ConfigError(f"required config key `{name}` is missing")
-        _check_type(name, value, default)
-        if name in CHOICES and value not in CHOICES[name]:
-            raise ConfigError(f"config key `{name}` must be one of {', '.join(CHOICES[name])}, got {value!r}")
-        out[key] = value
-    return out
-
-
-def _check_type(name: str, value: Any, default: Any) -> None:
-    if default is None or default == REQUIRED or value is None:
-        return
-    expected = type(default)
-    ok = isinstance(value, expected)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if expected is int and isinstance(value, bool):
-        ok = False
-    if not ok:
-        raise ConfigError(f"config key `{name}` must be {expected.__name__}, got {value!r} ({type(value).__name__})")
-
-
-def config_to_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
-    """Plain-Python copy of a config (for checkpoints, which load with weights_only=True)."""
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,6 +78,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda when visible), `cpu`, `cuda` or `cuda:N`; asking for a GPU that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for, but no CUDA device is visible")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device, weights_dtype: torch.dtype = torch.float32
+                   ) -> torch.dtype | None:
+    """The autocast dtype of `run.precision` (None = fp32), for training and inference alike.
+
+    auto: fp32 on CPU; on a GPU the frozen weights' own half dtype when `model.torch_dtype` is one, else bf16
+    where the GPU has it, else fp16. bf16/fp16/fp32 force it (fp16 training adds a GradScaler)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        if weights_dtype in (torch.bfloat16, torch.float16):
+            return weights_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """torch.autocast for `dtype` (a no-op context for None). Autocast is per thread: enter it in the thread that
+    runs the model."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # distributed
 
 
@@ -304,10 +141,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     Without torchrun's variables this is a single process on `device` (auto = cuda if available).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA device is visible")
+    device = resolve_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -360,3 +194,30 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# provenance
+
+
+def code_version() -> str:
+    """The repository's commit (with `+dirty` when the tree has uncommitted changes), or 'unknown' outside git."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Path, size and sha256 of a file: what a score records of the checkpoint it came from."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}

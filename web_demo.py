@@ -18,8 +18,9 @@ from typing import Any
 import gradio as gr
 import soundfile as sf
 
-from cli_inference import Session, add_model_arguments, open_session, without_unused_sampling
+from config import ConfigError
 from dataset_v1 import AudioError
+from inference import Assistant, add_model_arguments, open_assistant, without_unused_sampling
 
 MAX_TURNS = 4
 DEFAULT_PROMPT = "Describe the emotion of the speaker in every turn."
@@ -41,16 +42,15 @@ def turn_input(n: int) -> gr.Audio:
     return gr.Audio(sources=["upload", "microphone"], type="filepath", label=f"Turn {n}", elem_id=f"turn{n}")
 
 
-def default_lora_scaling(session: Session) -> float:
-    cfg = session.model.cfg
+def default_lora_scaling(assistant: Assistant) -> float:
+    cfg = assistant.model.cfg
     return cfg["lora_scaling"] if cfg.get("lora_scaling") is not None else cfg["lora_alpha"] / cfg["lora_rank"]
 
 
-def build_demo(session: Session, max_seconds: float, lora_scaling: float | None = None) -> gr.Blocks:
-    """The page. `session.generate_settings` fill the accordion's initial values."""
-    defaults = {"max_new_tokens": 200, "num_beams": 1, "do_sample": False, "temperature": 1.0, "top_p": 0.9,
-                "repetition_penalty": 1.0, "length_penalty": 1.0, **session.generate_settings}
-    has_lora = bool(session.model.cfg["lora"])
+def build_demo(assistant: Assistant, max_seconds: float, lora_scaling: float | None = None) -> gr.Blocks:
+    """The page. The config's generate: section, with the command line's flags on top, fills the accordion."""
+    defaults = {**assistant.cfg.generate, **assistant.generate_settings}
+    has_lora = bool(assistant.model.cfg["lora"])
 
     def respond(*values: Any) -> Iterator[str]:
         audios, (prompt, max_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty,
@@ -62,14 +62,14 @@ def build_demo(session: Session, max_seconds: float, lora_scaling: float | None 
             raise gr.Error("Type a prompt: a question or an instruction about the audio.")
         check_durations(wav_paths, max_seconds)
         settings = without_unused_sampling({
-            **session.generate_settings, "max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams),
+            **assistant.generate_settings, "max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams),
             "do_sample": bool(do_sample), "temperature": float(temperature), "top_p": float(top_p),
             "repetition_penalty": float(repetition_penalty), "length_penalty": float(length_penalty)})
         if has_lora:
-            session.model.set_lora_scaling(float(scaling))
+            assistant.model.set_lora_scaling(float(scaling))
         text = ""
         try:
-            for piece in session.answer(wav_paths, prompt, settings):
+            for piece in assistant.answer(wav_paths, prompt, settings):
                 text += piece
                 yield text
         except (AudioError, FileNotFoundError, ValueError) as e:
@@ -99,7 +99,7 @@ def build_demo(session: Session, max_seconds: float, lora_scaling: float | None 
                               label="repetition_penalty"),
                     gr.Slider(-2.0, 2.0, value=defaults["length_penalty"], step=0.1, label="length_penalty"),
                     gr.Number(value=lora_scaling if lora_scaling is not None else
-                              (default_lora_scaling(session) if has_lora else 0.0),
+                              (default_lora_scaling(assistant) if has_lora else 0.0),
                               label="LoRA scaling (lower it to bring back abilities the fine-tune suppressed)",
                               visible=has_lora),
                 ]
@@ -121,10 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    session = open_session(args)
-    if session is None:
+    try:
+        assistant = open_assistant(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    demo = build_demo(session, args.max_seconds, args.lora_scaling)
+    demo = build_demo(assistant, args.max_seconds, args.lora_scaling)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
                                                    max_file_size=args.max_file_size, footer_links=[])
     return 0

@@ -2,7 +2,7 @@
 fast the tiny model consumes dialogues in training (forward + backward). Loading keeps up when its rate is
 above the model's.
 
-    python benchmarks/bench_data.py [--config configs/demo.yaml] [--ann data/demo/ann/train.json]
+    python -m benchmarks.bench_data [--config configs/demo.yaml] [--ann data/demo/ann/train.json]
                                     [--batch-size 4] [--workers 0 2] [--model-steps 3]
 """
 from __future__ import annotations
@@ -17,15 +17,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from dataset_v1 import build_dataset, load_audio, log_mel, per_turn_clips  # noqa: E402
+from dataset_v1 import build_dataset, collate, load_audio, log_mel, per_turn_clips
 
 
 def loading_rate(dataset, batch_size: int, workers: int) -> float:
     """Dialogues per second over one pass of the annotation (batches collated as in training)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=dataset.collater)
+                        collate_fn=collate)
     start = time.perf_counter()
     count = sum(len(batch["id"]) for batch in loader)
     return count / (time.perf_counter() - start)
@@ -84,7 +83,7 @@ def main() -> None:
         rate = loading_rate(dataset, args.batch_size, workers)
         print(f"loading, batch {args.batch_size}, {workers} workers: {rate:.1f} dialogues/s")
     if args.model_steps:
-        batches = [dataset.collater([dataset[i] for i in range(start, start + args.batch_size)])
+        batches = [collate([dataset[i] for i in range(start, start + args.batch_size)])
                    for start in range(0, args.batch_size * 2, args.batch_size)]
         rate = training_rate(cfg, batches, args.model_steps)
         print(f"tiny model training (forward+backward+AdamW), batch {args.batch_size}: {rate:.2f} dialogues/s")

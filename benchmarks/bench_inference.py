@@ -1,8 +1,8 @@
 """Inference speed and memory of SALMONN: time to first token, time per output token, peak memory and batched
 throughput, for 10 s and 30 s of audio.
 
-    python benchmarks/bench_inference.py                                   # tiny demo model, CPU
-    python benchmarks/bench_inference.py --cfg-path configs/finetune_humdial.yaml --device cuda --new-tokens 64
+    python -m benchmarks.bench_inference                                   # tiny demo model, CPU
+    python -m benchmarks.bench_inference --cfg-path configs/finetune_humdial.yaml --device cuda --new-tokens 64
 
 What is timed (wall clock, the fastest of --repeats runs after one warm-up: interference from other processes
 only ever adds time, so the fastest run is the best estimate of the cost, as Python's timeit advises; the device
@@ -35,12 +35,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cli_inference import (add_model_arguments, autocast_for, generation_settings, load_inference_config,  # noqa: E402
-                           load_model, resolve_device, without_unused_sampling)
-from dataset_v1 import SAMPLE_RATE, load_feature_extractor, make_batch  # noqa: E402
+from dataset_v1 import load_feature_extractor, make_batch
+from inference import (add_model_arguments, generation_settings, inference_dtype, load_inference_config, load_model,
+                       without_unused_sampling)
+from models import SAMPLE_RATE
+from utils import autocast, resolve_device
 
 PROMPT = "Describe the emotion of the speaker."
 
@@ -131,14 +130,14 @@ def fastest_seconds(run: Callable[[], Any], device: torch.device, repeats: int) 
 
 
 def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, Any], repeats: int,
-                              device: torch.device) -> tuple[float, float]:
+                              device: torch.device, amp: torch.dtype | None) -> tuple[float, float]:
     """Fastest TTFT and TPOT (seconds) over batch-size-1 greedy generations of a fixed length."""
     ttfts, tpots = [], []
     for attempt in range(repeats + 1):  # the first is a warm-up
         clock = TokenClock(device)
         synchronize(device)
         start = time.perf_counter()
-        with autocast_for(model):
+        with autocast(amp, device):
             model.generate(batch, settings, streamer=clock)
         if len(clock.times) != settings["max_new_tokens"]:
             raise RuntimeError(f"expected {settings['max_new_tokens']} tokens, timed {len(clock.times)}")
@@ -149,15 +148,16 @@ def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, 
 
 
 def bench_duration(model, feature_extractor, template: str, seconds: float, batch_sizes: list[int],
-                   settings: dict[str, Any], repeats: int, device: torch.device, folder: Path) -> dict[str, Any]:
+                   settings: dict[str, Any], repeats: int, device: torch.device, folder: Path,
+                   amp: torch.dtype | None) -> dict[str, Any]:
     single = {k: v.to(device) if torch.is_tensor(v) else v
               for k, v in noise_batch(feature_extractor, seconds, template, 1, folder).items()}
 
     def encode() -> None:
-        with torch.no_grad(), autocast_for(model):
+        with torch.no_grad(), autocast(amp, device):
             model.encode_speech(single["spectrogram"], single["raw_wav"], single["padding_mask"])
 
-    ttft, tpot = first_token_and_per_token(model, single, settings, repeats, device)
+    ttft, tpot = first_token_and_per_token(model, single, settings, repeats, device, amp)
     result: dict[str, Any] = {"audio_s": seconds, "encode_ms": 1e3 * fastest_seconds(encode, device, repeats),
                               "ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * tpot, "batches": {}}
     for batch_size in batch_sizes:
@@ -165,7 +165,7 @@ def bench_duration(model, feature_extractor, template: str, seconds: float, batc
                  for k, v in noise_batch(feature_extractor, seconds, template, batch_size, folder).items()}
 
         def generate() -> None:
-            with autocast_for(model):
+            with autocast(amp, device):
                 model.generate(batch, settings)
 
         elapsed = fastest_seconds(generate, device, repeats)
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.pop("min_length", None)  # min_new_tokens decides
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_duration(model, feature_extractor, cfg.model.prompt_template, seconds, args.batch_sizes,
-                                  settings, args.repeats, device, Path(tmp)) for seconds in args.durations]
+                                  settings, args.repeats, device, Path(tmp), inference_dtype(cfg, model))
+                   for seconds in args.durations]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"SALMONN inference, {name}, LLM {cfg.model.llama_path} ({cfg.model.torch_dtype}), "
           f"{args.new_tokens} new tokens, fastest of {args.repeats} runs")

@@ -1,9 +1,9 @@
 """Training speed of one config: samples/s, tokens/s, peak memory and model FLOPs utilisation (MFU).
 
-    python benchmarks/bench_train.py                                        # tiny demo model, CPU, fp32
-    python benchmarks/bench_train.py --cfg-path configs/finetune_humdial.yaml --options run.device=cuda \\
+    python -m benchmarks.bench_train                                        # tiny demo model, CPU, fp32
+    python -m benchmarks.bench_train --cfg-path configs/finetune_humdial.yaml --options run.device=cuda \\
         run.batch_size_train=2 --steps 10                                   # real model, GPU (bf16 autocast)
-    python benchmarks/bench_train.py --peak-tflops 989                      # set the peak (H100 SXM, bf16 dense)
+    python -m benchmarks.bench_train --peak-tflops 989                      # set the peak (H100 SXM, bf16 dense)
 
 What is measured: full optimizer steps of the recipe (`Runner.train_step`: forward, backward, gradient
 normalisation, clipping, AdamW) on batches collated before timing (data loading has its own benchmark,
@@ -37,12 +37,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from config import load_config
+from runner import Runner, build_datasets, build_model
+from utils import init_distributed, seed_everything, setup_logging
 
-import train  # noqa: E402
-from runner import Runner  # noqa: E402
-from utils import init_distributed, load_config, seed_everything, setup_logging  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s for bf16/fp16, from the vendors' datasheets.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -131,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = init_distributed(cfg.run.device)
     setup_logging(None, dist_info.rank)
     seed_everything(cfg.run.seed)
-    model = train.build_model(cfg)
-    datasets = train.build_datasets(cfg, ["train"])
+    model = build_model(cfg)
+    datasets = build_datasets(cfg, ["train"])
     runner = Runner(cfg, model, datasets, dist_info)
     device = dist_info.device
     positions = LlmPositions(model)

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import SAMPLE_RATE
 from models.fbank import fbank, num_frames
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
 NUM_MEL_BINS = 128
-SAMPLE_RATE = 16000
 FRAME_LENGTH_SAMPLES = 400  # 25 ms at 16 kHz
 FRAME_SHIFT_SAMPLES = 160  # 10 ms at 16 kHz
 # Checkpoint weights that this port deliberately does not use (the AudioSet classification head).

@@ -3,7 +3,7 @@
 One file, config in, tensors out. Module names follow the original implementation (bytedance/SALMONN) so that
 the released `salmonn_v1.pth` / `salmonn_7b_v0.pth` and checkpoints written by the original training code load
 unchanged; the only renamed part is the Q-Former, which is transformers' BLIP-2 Q-Former (the same BERT-style
-block: query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_RENAMES`.
+block: query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_NAMES`.
 
 Deliberate differences from the original (each would otherwise change a clip's output silently):
 - BEATs features of zero-padding are masked, so a clip's output does not depend on what it is batched with.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,21 +36,21 @@ from transformers import (
     WhisperModel,
 )
 
+from config import MODEL_DEFAULTS
+from models import SAMPLE_RATE, SPEECH_SLOT
 from models.beats import BEATs
 from models.tokenizer import SalmonnTokenizer
-from prompting import SPEECH_SLOT, choose_prompt, load_prompts
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# (our parameter-name prefix, the original's) for the Q-Former; every other name is the same in both.
-_QFORMER_RENAMES = [
-    (re.compile(r"^speech_Qformer\.layernorm\."), "speech_Qformer.bert.embeddings.LayerNorm."),
-    (re.compile(r"^speech_Qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\."),
-     r"speech_Qformer.bert.encoder.layer.\1.\2.self."),
-    (re.compile(r"^speech_Qformer\.encoder\."), "speech_Qformer.bert.encoder."),
+# Q-Former parameter-name prefixes: (ours, the original's), most specific first; `{n}` is a layer number and
+# `{attn}` attention or crossattention. Every other name is the same in both. Both directions use this table.
+_QFORMER_NAMES = [
+    ("speech_Qformer.layernorm.", "speech_Qformer.bert.embeddings.LayerNorm."),
+    ("speech_Qformer.encoder.layer.{n}.{attn}.attention.", "speech_Qformer.bert.encoder.layer.{n}.{attn}.self."),
+    ("speech_Qformer.encoder.", "speech_Qformer.bert.encoder."),
 ]
 # Tensors the original's checkpoints carry but that are not trained state: recomputed or shared, never loaded.
 _LEFTOVER_KEYS = [
@@ -60,34 +59,32 @@ _LEFTOVER_KEYS = [
     re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),  # alias of layer 0's
 ]
 
-DEFAULTS: dict[str, Any] = dict(
-    llama_path="", whisper_path="", beats_path="", random_init=False, ckpt="",
-    freeze_whisper=True, freeze_beats=True, use_speech_Qformer=True, num_speech_query_token=1,
-    freeze_speech_QFormer=False, window_level_Qformer=True, second_per_window=0.333333, second_stride=0.333333,
-    qformer_hidden_size=768, qformer_num_layers=2, qformer_num_heads=12, qformer_intermediate_size=3072,
-    qformer_initializer_range=0.02,
-    speech_llama_proj_model="", freeze_speech_llama_proj=False,
-    lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
-    lora_scaling=None, trim_speech_padding=False, cache_frozen_encoders=False,
-    multi_prompt=False, prompt_path="", test_prompt_path="", prompt_template="",
-    max_txt_len=128, end_sym="</s>", low_resource=False, torch_dtype="float32",
-)
 
 
-def to_original_name(name: str) -> str:
-    for pattern, repl in _QFORMER_RENAMES:
-        new = pattern.sub(repl, name, count=1)
-        if new != name:
-            return new
+def _prefix_pattern(prefix: str) -> re.Pattern[str]:
+    """A `_QFORMER_NAMES` prefix as a regex with named groups for its `{n}` and `{attn}` fields."""
+    pattern = re.escape(prefix).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{attn\}", r"(?P<attn>attention|crossattention)")
+    return re.compile("^" + pattern)
+
+
+def _rename(name: str, to_original: bool) -> str:
+    """A parameter name in the other naming: the first matching `_QFORMER_NAMES` prefix is swapped."""
+    for ours, original in _QFORMER_NAMES:
+        source, target = (ours, original) if to_original else (original, ours)
+        match = _prefix_pattern(source).match(name)
+        if match:
+            return target.format(**match.groupdict()) + name[match.end():]
     return name
 
 
+def to_original_name(name: str) -> str:
+    """Our parameter name -> the name the released checkpoints use."""
+    return _rename(name, to_original=True)
+
+
 def from_original_name(name: str) -> str:
-    if name.startswith("speech_Qformer.bert.embeddings.LayerNorm."):
-        return name.replace("speech_Qformer.bert.embeddings.LayerNorm.", "speech_Qformer.layernorm.", 1)
-    name = re.sub(r"^speech_Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
-                  r"speech_Qformer.bert.encoder.layer.\1.\2.attention.", name)
-    return name.replace("speech_Qformer.bert.encoder.", "speech_Qformer.encoder.", 1)
+    """A released checkpoint's name -> our parameter name."""
+    return _rename(name, to_original=False)
 
 
 def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
@@ -114,16 +111,14 @@ def _check_loading_info(info: dict, what: str, path: str, ignore: tuple[str, ...
 class SALMONN(nn.Module):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
-        cfg = {**DEFAULTS, **dict(cfg)}
+        cfg = {**MODEL_DEFAULTS, **dict(cfg)}
         self.cfg = cfg
         if cfg["low_resource"]:
             raise ValueError("model.low_resource (8-bit LLaMA via bitsandbytes) is not supported; "
                              "set model.torch_dtype: bfloat16 (or float16) to halve memory instead")
         if not cfg["use_speech_Qformer"]:
             raise ValueError("model.use_speech_Qformer: false is not supported (the original raises too)")
-        if cfg["torch_dtype"] not in DTYPES:
-            raise ValueError(f"model.torch_dtype must be one of {list(DTYPES)}, got '{cfg['torch_dtype']}'")
-        dtype = DTYPES[cfg["torch_dtype"]]
+        dtype = getattr(torch, cfg["torch_dtype"])  # float32 | bfloat16 | float16 (config.CHOICES)
 
         whisper_dir = _require_dir(cfg["whisper_path"], "whisper-large-v2 (Hugging Face format)",
                                    ("config.json", "preprocessor_config.json"))
@@ -160,9 +155,6 @@ class SALMONN(nn.Module):
             raise ValueError("model.cache_frozen_encoders: true needs frozen encoders (model.freeze_whisper and "
                              "model.freeze_beats: true): a trained encoder's outputs change every step")
         self.encoder_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}  # clip -> (Whisper, BEATs)
-        self.prompt_dict = (load_prompts(cfg["prompt_path"], cfg["prompt_template"])
-                            if cfg["prompt_path"] else {})
-        self.prompt_rng = random.Random(0)
         self.targets_cut = 0  # targets cut at max_txt_len, counted for the log
 
     # ------------------------------------------------------------------ construction
@@ -192,7 +184,11 @@ class SALMONN(nn.Module):
 
     @staticmethod
     def _read_hop_seconds(path: Path) -> float:
+        """Seconds per spectrogram frame, from Whisper's feature-extractor config (which must take SAMPLE_RATE)."""
         fe = json.loads((path / "preprocessor_config.json").read_text())
+        if fe["sampling_rate"] != SAMPLE_RATE:
+            raise ValueError(f"{path / 'preprocessor_config.json'}: sampling_rate {fe['sampling_rate']}, but the "
+                             f"model's audio is {SAMPLE_RATE} Hz")
         return fe["hop_length"] / fe["sampling_rate"]
 
     @staticmethod
@@ -430,23 +426,14 @@ class SALMONN(nn.Module):
         return [hashlib.blake2b(c.contiguous().view(torch.uint8).numpy(), digest_size=16).digest() for c in contents]
 
     @staticmethod
-    def num_windows(num_samples: torch.Tensor, frames_per_second: float, stride: int, max_windows: int,
-                    sample_rate: int = 16000) -> torch.Tensor:
+    def num_windows(num_samples: torch.Tensor, frames_per_second: float, stride: int, max_windows: int
+                    ) -> torch.Tensor:
         """Windows that hold a clip's audio (the last one partly): ceil(frames / stride), at most all windows.
         Used by `trim_speech_padding` to drop the tokens of Whisper's 30 s zero-padding."""
-        frames = torch.ceil(num_samples.double() * frames_per_second / sample_rate)
+        frames = torch.ceil(num_samples.double() * frames_per_second / SAMPLE_RATE)
         return torch.clamp(torch.ceil(frames / stride), 1, max_windows).long()
 
     # ------------------------------------------------------------------ sequences
-    def _prompts_for(self, samples: Mapping[str, Any]) -> list[str]:
-        if samples.get("prompt") is not None:
-            return list(samples["prompt"])
-        if not self.prompt_dict:
-            raise ValueError("the batch has no 'prompt' and model.prompt_path is empty")
-        questions = samples.get("Q") or [""] * len(samples["task"])
-        rng = self.prompt_rng if (self.training and self.cfg["multi_prompt"]) else None
-        return [choose_prompt(self.prompt_dict, t, q, rng) for t, q in zip(samples["task"], questions)]
-
     def _slots_for(self, samples: Mapping[str, Any], num_clips: int) -> list[list[list[int]]]:
         slots = samples.get("speech_slots")
         return slots if slots is not None else [[[c]] for c in range(num_clips)]
@@ -491,9 +478,13 @@ class SALMONN(nn.Module):
             add_text(self._target_ids(target), True)
         return torch.cat(parts), torch.cat(labels)
 
-    def _batch_sequences(self, samples: Mapping[str, Any], prompts: list[str], with_targets: bool,
+    def _batch_sequences(self, samples: Mapping[str, Any], with_targets: bool,
                          left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encodes the clips, builds each sample's sequence and pads them: embeds, attention mask, labels."""
+        """Encodes the clips, builds each sample's sequence from its prompt (`samples["prompt"]`, built by the
+        dataset) and pads them: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
+        if samples.get("prompt") is None:
+            raise ValueError("the batch has no 'prompt': prompts are built by the dataset (dataset_v1.collate)")
+        prompts = list(samples["prompt"])
         speech, atts = self.encode_speech(samples["spectrogram"].to(self.device),
                                        _to(samples.get("raw_wav"), self.device),
                                        _to(samples.get("padding_mask"), self.device))
@@ -523,8 +514,7 @@ class SALMONN(nn.Module):
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
         normalise over accumulation steps and ranks."""
-        prompts = self._prompts_for(samples)
-        embeds, mask, labels = self._batch_sequences(samples, prompts, with_targets=True, left_pad=False)
+        embeds, mask, labels = self._batch_sequences(samples, with_targets=True, left_pad=False)
         logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask).logits
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -544,10 +534,9 @@ class SALMONN(nn.Module):
 
     @torch.no_grad()
     def generate(self, samples: Mapping[str, Any], generate_cfg: Mapping[str, Any],
-                 prompts: list[str] | None = None, streamer: Any = None) -> list[str]:
+                 streamer: Any = None) -> list[str]:
         """Answers as clean text. Prompts are left-padded; each sample stops at its own end token."""
-        prompts = list(prompts) if prompts is not None else self._prompts_for(samples)
-        embeds, mask, _ = self._batch_sequences(samples, prompts, with_targets=False, left_pad=True)
+        embeds, mask, _ = self._batch_sequences(samples, with_targets=False, left_pad=True)
         out = self.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                         generation_config=self.generation_config(generate_cfg), streamer=streamer)
         return [self.tokenizer.decode(_until_eos(ids.tolist(), self.tokenizer.eos_id)).strip() for ids in out]

@@ -1,7 +1,7 @@
 """Does the model listen? Train the tiny model on synthetic dialogues whose only emotion cue is prosody, with the
 audio and with the audio silenced, and score both on held-out dialogues.
 
-    python scripts/learning_experiment.py            # about 15 min on 2 CPU cores; prints and saves the table
+    python -m scripts.learning_experiment            # about 15 min on 2 CPU cores; prints and saves the table
 
 Steps (each one a plain command of this repo, printed as it runs):
 1. `scripts/make_demo_corpus.py` generates a corpus: espeak-ng voices whose pitch, rate and volume follow the
@@ -28,11 +28,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from labels import EMOTIONS, LABEL_WORDS, canonical_emotion, trajectory_summary
+from metrics import emotion_trajectory_scores, extract_emotions
 
-from make_demo_corpus import EMOTION_WORD, trajectory_summary  # noqa: E402  (scripts/ is this script's folder)
-from metrics import EMOTIONS, canonical_emotion, emotion_trajectory_scores, extract_emotions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = "configs/demo_learning.yaml"
 RUNS = {"audio": "false", "audio silenced": "true"}  # run name -> datasets.silence_audio
@@ -78,7 +77,7 @@ def turn_samples(dialogs: list[dict]) -> list[dict]:
     """One `emotion_recognition` sample per dialogue turn: the turn's audio -> its emotion word (the word the
     trajectory answers use). For training: multi-task data; for testing: does the model hear a single turn?"""
     return [{"id": f"{e['id']}_turn{k}", "path": t["path"], "task": "emotion_recognition", "Q": "",
-             "language": e["language"], "text": EMOTION_WORD[e["language"]][t["emotion"]]}
+             "language": e["language"], "text": LABEL_WORDS[e["language"]][t["emotion"]]}
             for e in dialogs for k, t in enumerate(e["turns"], start=1)]
 
 
@@ -188,7 +187,7 @@ def main() -> None:
     out = ROOT / args.out
     corpus = out / "corpus"
     if not (corpus / "ann" / "test.json").is_file():
-        run([sys.executable, "scripts/make_demo_corpus.py", "--num-dialogues", str(args.num_dialogues),
+        run([sys.executable, "-m", "scripts.make_demo_corpus", "--num-dialogues", str(args.num_dialogues),
              "--out", str(corpus), "--plain-audio"])
     ann = corpus / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")

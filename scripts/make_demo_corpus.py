@@ -1,8 +1,8 @@
 """Builds the HumDial-shaped demo corpus (data/demo): English and Chinese dialogues of 3-5 user turns spoken by
 espeak-ng, each turn's prosody (pitch, pitch range, rate, volume) following its emotion label.
 
-    python scripts/make_demo_corpus.py                                # the committed corpus (data/demo)
-    python scripts/make_demo_corpus.py --num-dialogues 2000 --out /tmp/demo_big   # a larger one at run time
+    python -m scripts.make_demo_corpus                                # the committed corpus (data/demo)
+    python -m scripts.make_demo_corpus --num-dialogues 2000 --out /tmp/demo_big   # a larger one at run time
 
 It writes OUT/HD-Track1-T1-{train,test}.jsonl, OUT/audio/ (replaced in full) and, through convert.py,
 OUT/ann/{train,valid,test}.json ready for the dataset.
@@ -39,10 +39,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import convert  # noqa: E402  (the repo root is not a package)
+from labels import EMOTIONS, trajectory_summary
 
-EMOTIONS = convert.EMOTIONS
+ROOT = Path(__file__).resolve().parent.parent
 
 # espeak-ng pitch (0-99), rate (words/min), amplitude (0-200) and SSML pitch range per emotion.
 PROSODY = {
@@ -170,13 +169,6 @@ REPLIES = {
     "zh": ["我明白了，后来呢？", "谢谢你告诉我，接着说吧。", "好的，我在听，多说一点。",
            "你接下来做了什么？", "知道了，结果怎么样？"],
 }
-# How the target names each emotion (words metrics.EMOTION_WORDS reads back).
-EMOTION_WORD = {
-    "en": {"happy": "happy", "sad": "sad", "anger": "angry", "fear": "afraid", "neutral": "neutral",
-           "surprise": "surprised", "disgust": "disgusted"},
-    "zh": {"happy": "开心", "sad": "难过", "anger": "生气", "fear": "害怕", "neutral": "平静",
-           "surprise": "惊讶", "disgust": "反感"},
-}
 
 
 @dataclass(frozen=True)
@@ -192,22 +184,6 @@ class Turn:
     emotion: str
     reply: str
     audio_format: tuple[str, int, int]
-
-
-def trajectory_summary(emotions: list[str], language: str) -> str:
-    """The target: every turn's emotion named once, in order ("still X" when it did not change)."""
-    words = [EMOTION_WORD[language][e] for e in emotions]
-    if language == "zh":
-        parts = [f"你一开始很{words[0]}"]
-        for i in range(1, len(words)):
-            lead = "最后" if i == len(words) - 1 else "接着"
-            parts.append(f"{lead}依然{words[i]}" if emotions[i] == emotions[i - 1] else f"{lead}变得{words[i]}")
-        return "，".join(parts) + "。"
-    parts = [f"You started {words[0]}"]
-    for i in range(1, len(words)):
-        lead = "and ended up" if i == len(words) - 1 else "then"
-        parts.append(f"{lead} still {words[i]}" if emotions[i] == emotions[i - 1] else f"{lead} {words[i]}")
-    return ", ".join(parts) + "."
 
 
 class LabelCycle:
@@ -329,13 +305,16 @@ def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, worker
     for split, split_lines in lines.items():
         (out / f"HD-Track1-T1-{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
     out = Path(os.path.relpath(out))  # the annotations' "source" fields and reports stay free of local paths
-    convert.convert([out / "HD-Track1-T1-train.jsonl"], out / "ann", valid_ratio=0.15, seed=seed)
-    convert.convert([out / "HD-Track1-T1-test.jsonl"], out / "ann", name="test")
+    convert = [sys.executable, str(ROOT / "convert.py")]
+    subprocess.run([*convert, str(out / "HD-Track1-T1-train.jsonl"), "-o", str(out / "ann"), "--valid-ratio", "0.15",
+                    "--seed", str(seed)], check=True)
+    subprocess.run([*convert, str(out / "HD-Track1-T1-test.jsonl"), "-o", str(out / "ann"), "--name", "test"],
+                   check=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "demo")
     parser.add_argument("--num-dialogues", type=int, default=40)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of held-out test dialogues")
     parser.add_argument("--seed", type=int, default=0)

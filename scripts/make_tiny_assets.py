@@ -2,7 +2,7 @@
 from these configs) and a small sentencepiece tokenizer trained on the repo's own text.
 
 The tiny models keep the shapes the code depends on: 80 mel bins and 1500 Whisper frames per 30 s.
-Run: python scripts/make_tiny_assets.py   (deterministic; the outputs are committed)
+Run: python -m scripts.make_tiny_assets   (deterministic; the outputs are committed)
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import sentencepiece as spm
 from transformers import LlamaConfig, WhisperConfig, WhisperFeatureExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def tokenizer_corpus() -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cli_inference
-from cli_inference import Session, generation_settings, load_inference_config, load_model
+import inference
+from inference import Assistant, generation_settings, load_inference_config, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"num_beams": 1, "max_new_tokens": 8}
@@ -29,7 +30,7 @@ def session():
     cfg = load_inference_config([str(REPO / "configs/demo.yaml")], [])
     cfg.model.llama_path, cfg.model.whisper_path, cfg.model.beats_path = (
         str(REPO / cfg.model.llama_path), str(REPO / cfg.model.whisper_path), str(REPO / cfg.model.beats_path))
-    return Session(load_model(cfg, torch.device("cpu")), cfg, dict(GREEDY))
+    return Assistant(load_model(cfg, torch.device("cpu")), cfg, dict(GREEDY))
 
 
 def test_interactive_loop_reports_bad_input_and_goes_on(tmp_path):
@@ -81,7 +82,7 @@ def test_streamed_text_equals_the_final_answer(session):
 def test_beam_search_gives_one_piece_equal_to_generate(session):
     wav = demo_wavs(1)
     beam = {"num_beams": 2, "max_new_tokens": 5}
-    pieces = list(cli_inference.stream_answer(session.model, session.batch(wav, "Describe it."), beam))
+    pieces = list(inference.stream_answer(session.model, session.batch(wav, "Describe it."), beam))
     assert pieces == [session.model.generate(session.batch(wav, "Describe it."), beam)[0]]
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import SCHEMA, ConfigError, load_config
+from config import SCHEMA, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -302,8 +302,7 @@ def test_demo_user_turns_carry_no_emotion_words():
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 def test_demo_corpus_generation_is_reproducible_for_any_number_of_threads(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_demo_corpus
+    from scripts import make_demo_corpus
 
     make_demo_corpus.build(tmp_path / "one", num_dialogues=3, test_fraction=0.34, seed=5, workers=1)
     make_demo_corpus.build(tmp_path / "three", num_dialogues=3, test_fraction=0.34, seed=5, workers=3)
@@ -321,8 +320,7 @@ def test_demo_corpus_generation_is_reproducible_for_any_number_of_threads(tmp_pa
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 def test_plain_audio_corpus_has_the_same_dialogues_in_16k_mono_wav(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_demo_corpus
+    from scripts import make_demo_corpus
 
     make_demo_corpus.build(tmp_path / "mixed", num_dialogues=3, test_fraction=0.34, seed=5, workers=2)
     make_demo_corpus.build(tmp_path / "plain", num_dialogues=3, test_fraction=0.34, seed=5, workers=2,

@@ -7,15 +7,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from dataset_v1 import (SAMPLE_RATE, AnnotationError, AudioError, build_dataset, load_audio,
-                        load_feature_extractor, make_batch, split_clips)
+from dataset_v1 import (AnnotationError, AudioError, build_dataset, collate, load_audio, load_feature_extractor,
+                        make_batch, split_clips)
+from config import MODEL_DEFAULTS
+from models import SAMPLE_RATE
 from prompting import SPEECH_SLOT, PromptError
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY = ROOT / "tests" / "parity"
 MODEL_CFG = {"whisper_path": str(PARITY / "whisper_dir"), "prompt_path": str(ROOT / "prompts" / "train_prompt.json"),
              "test_prompt_path": str(ROOT / "prompts" / "test_prompt.json"),
-             "prompt_template": "USER: {}\nASSISTANT:"}
+             "prompt_template": MODEL_DEFAULTS["prompt_template"]}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def write_dialogue(tmp_path: Path, seconds: list[float], rates: list[int] | None
 def test_long_dialogue_keeps_every_turn_in_the_batch(tmp_path, feature_extractor):
     ann = write_dialogue(tmp_path, [40.0, 12.0, 5.0])  # 57 s of user speech; the first turn alone > 30 s
     dataset = build_dataset(str(ann), {}, "test", MODEL_CFG, feature_extractor=feature_extractor)
-    batch = dataset.collater([dataset[0]])
+    batch = collate([dataset[0]])
     assert batch["speech_slots"] == [[[0, 1], [2], [3]]]  # the 40 s turn: two clips in one slot
     lengths = (~batch["padding_mask"]).sum(dim=1).tolist()
     assert lengths == [30 * SAMPLE_RATE, 10 * SAMPLE_RATE, 12 * SAMPLE_RATE, 5 * SAMPLE_RATE]
@@ -127,7 +129,7 @@ def test_concat_mode_reproduces_the_original_cut_at_30_s(tmp_path, feature_extra
     dataset = build_dataset(str(ann), {"turn_mode": "concat"}, "test", MODEL_CFG,
                             feature_extractor=feature_extractor)
     with caplog.at_level(logging.WARNING, logger="dataset_v1"):
-        batch = dataset.collater([dataset[0]])
+        batch = collate([dataset[0]])
     assert batch["speech_slots"] == [[[0]]] and batch["raw_wav"].shape == (1, 30 * SAMPLE_RATE)
     assert batch["prompt"][0].count(SPEECH_SLOT) == 1
     gap = batch["raw_wav"][0, 20 * SAMPLE_RATE:20 * SAMPLE_RATE + SAMPLE_RATE // 2]
@@ -139,7 +141,7 @@ def test_collater_shapes_padding_masks_and_slot_offsets(tmp_path, feature_extrac
     write_dialogue(tmp_path, [1.5, 2.5, 0.5], rates=[22050, 8000, 44100], dialogue_id="a")
     ann = write_dialogue(tmp_path, [3.0, 2.0, 1.0, 4.0], dialogue_id="b")
     dataset = build_dataset(str(ann), {}, "valid", MODEL_CFG, feature_extractor=feature_extractor)
-    batch = dataset.collater([dataset[0], dataset[1]])
+    batch = collate([dataset[0], dataset[1]])
     expected = [1.5, 2.5, 1.0, 3.0, 2.0, 1.0, 4.0]  # the 0.5 s turn is padded to 1 s, as the original
     assert batch["spectrogram"].shape == (7, 80, 3000) and batch["spectrogram"].dtype == torch.float32
     assert batch["raw_wav"].shape == (7, 4 * SAMPLE_RATE) and batch["raw_wav"].dtype == torch.float32
@@ -214,7 +216,7 @@ def test_single_clip_entries_fill_q_and_split_long_clips(tmp_path, feature_extra
     ann = tmp_path / "orig.json"
     ann.write_text(json.dumps({"annotation": entries}))
     dataset = build_dataset(str(ann), {}, "test", MODEL_CFG, feature_extractor=feature_extractor)
-    batch = dataset.collater([dataset[0], dataset[1]])
+    batch = collate([dataset[0], dataset[1]])
     assert batch["speech_slots"] == [[[0, 1]], [[2]]]
     assert (~batch["padding_mask"]).sum(dim=1).tolist() == [30 * SAMPLE_RATE, 5 * SAMPLE_RATE, 2 * SAMPLE_RATE]
     assert batch["prompt"] == ["USER: <Speech><SpeechHere></Speech> Recognize the speech and give me the "
@@ -233,7 +235,7 @@ def test_parity_clips_collate_like_the_original(tmp_path, feature_extractor):
     ann = tmp_path / "parity.json"
     ann.write_text(json.dumps({"annotation": entries}))
     dataset = build_dataset(str(ann), {}, "test", MODEL_CFG, feature_extractor=feature_extractor)
-    batch = dataset.collater([dataset[0], dataset[1]])
+    batch = collate([dataset[0], dataset[1]])
     np.testing.assert_array_equal(batch["padding_mask"].numpy(), reference["padding_mask"])
     np.testing.assert_array_equal(batch["raw_wav"].numpy(), reference["raw_wav_pcm16"] / 32768.0)
     np.testing.assert_allclose(batch["spectrogram"].numpy(), reference["spectrogram"], atol=1e-4)
@@ -245,14 +247,14 @@ def test_make_batch_from_files_with_a_plain_question_or_a_full_prompt(tmp_path, 
     for n, rate in enumerate([22050, 8000]):
         paths.append(str(tmp_path / f"turn{n}.wav"))
         sf.write(paths[-1], tone(1.2, rate), rate)
-    batch = make_batch(paths, "How did my emotions change?", feature_extractor)
+    batch = make_batch(paths, "How did my emotions change?", feature_extractor, template=MODEL_CFG["prompt_template"])
     assert batch["speech_slots"] == [[[0], [1]]] and batch["spectrogram"].shape == (2, 80, 3000)
     assert batch["prompt"][0].startswith("USER: Turn 1: <Speech><SpeechHere></Speech>\nTurn 2:")
     assert batch["prompt"][0].endswith("How did my emotions change?\nASSISTANT:")
     full = "USER: <Speech><SpeechHere></Speech> Describe it.\nASSISTANT:"
-    assert make_batch(paths[:1], full, feature_extractor)["prompt"] == [full]
+    assert make_batch(paths[:1], full, feature_extractor, template=MODEL_CFG["prompt_template"])["prompt"] == [full]
     with pytest.raises(PromptError, match="1 <SpeechHere> slots for 2 audio file"):
-        make_batch(paths, full, feature_extractor)
+        make_batch(paths, full, feature_extractor, template=MODEL_CFG["prompt_template"])
 
 
 def test_demo_corpus_loads_through_the_demo_config(feature_extractor):

@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import evaluate
-from cli_inference import load_inference_config, load_model
-from dataset_v1 import build_dataset
+import metrics
+import submission
+from dataset_v1 import build_dataset, collate
+from inference import decode, load_inference_config, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY = REPO / "tests" / "parity"
@@ -56,8 +58,8 @@ def parity(tmp_path_factory):
 def test_batch_of_four_decodes_like_four_single_decodes(parity):
     cfg, model, dataset = parity
     settings = {"num_beams": 1, "max_new_tokens": 6}
-    batched = evaluate.decode(model, DataLoader(dataset, batch_size=4, collate_fn=dataset.collater), settings)
-    alone = evaluate.decode(model, DataLoader(dataset, batch_size=1, collate_fn=dataset.collater), settings)
+    batched = list(decode(model, DataLoader(dataset, batch_size=4, collate_fn=collate), settings, None))
+    alone = list(decode(model, DataLoader(dataset, batch_size=1, collate_fn=collate), settings, None))
     assert [r["id"] for r in batched] == ["clip0", "clip1", "clip2", "clip3"]
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
     assert len({r["prediction"] for r in batched}) > 1, "answers should depend on the input"
@@ -80,8 +82,14 @@ def test_evaluate_main_on_the_demo_corpus(tmp_path, capsys, monkeypatch):
     scores = json.loads((out / "scores.json").read_text())["scores"]
     languages = {r["language"] for r in records}
     assert {f"emotional_trajectory/{lang}/emotion_turn_acc" for lang in languages} <= set(scores)
-    table = capsys.readouterr().out
-    assert "emotion_exact" in table and "bleu" in table and "rouge_l" in table
+    captured = capsys.readouterr()
+    assert "emotion_exact" in captured.out and "bleu" in captured.out and "rouge_l" in captured.out
+    # Traceable: no checkpoint was given, which is said loudly and recorded; so are the config and the code.
+    assert "warning: model.ckpt is empty: answering with the untrained demo model" in captured.err
+    written = json.loads((out / "scores.json").read_text())
+    assert written["checkpoint"] is None and written["config"]["model"]["random_init"] is True
+    assert written["code_version"] and all(r["checkpoint_sha256"] is None for r in records)
+    assert all(len(r["emotions_read"]) == len(r["emotions"]) for r in records)
 
 
 def test_evaluate_without_weights_names_what_to_download(capsys, monkeypatch):
@@ -103,11 +111,11 @@ def test_written_submission_is_valid_and_one_line_per_answer(tmp_path):
     records = [{"id": "d1", "task": "empathy", "prediction": "I hear you,\nthat sounds hard."},
                {"id": "d2", "task": "empathy", "prediction": "你好，朋友"},
                {"id": "d1", "task": "emotional_trajectory", "prediction": "sad, then happy"}]
-    paths = evaluate.write_submissions(records, tmp_path)
+    paths = submission.write_submissions(records, tmp_path)
     assert [p.name for p in paths] == ["submission_emotional_trajectory.csv", "submission_empathy.csv"]
     rows = list(csv.reader((tmp_path / "submission_empathy.csv").open(encoding="utf-8")))
     assert rows == [["testset_id", "text"], ["d1", "I hear you, that sounds hard."], ["d2", "你好，朋友"]]
-    assert evaluate.validate_submission(tmp_path / "submission_empathy.csv", {"d1", "d2"}) == []
+    assert submission.validate_submission(tmp_path / "submission_empathy.csv", {"d1", "d2"}) == []
 
 
 def test_validator_catches_bad_rows(tmp_path):
@@ -121,7 +129,7 @@ def test_validator_catches_bad_rows(tmp_path):
         ["d4", "two\nlines"],
         ["x9", "unknown id"],
     ])
-    problems = evaluate.validate_submission(path, expected_ids={"d1", "d2", "d3", "d4", "d5"})
+    problems = submission.validate_submission(path, expected_ids={"d1", "d2", "d3", "d4", "d5"})
     text = "\n".join(problems)
     assert "header is 'id,text'" in text
     assert "bad.csv:3: duplicate testset_id 'd1'" in text
@@ -151,7 +159,7 @@ def test_score_predictions_picks_metrics_per_task_and_language():
          "prediction": "You started sad, then angry.", "emotions": ["sad", "happy"]},
         {"task": "empathy", "reference": "我明白你的感受", "prediction": "我明白你的感受"},  # language from text
     ]
-    scores = evaluate.score_predictions(records)
+    scores = metrics.score_records(records)
     assert scores["asr/en/wer"] == pytest.approx(100 / 3)
     assert scores["asr/zh/cer"] == pytest.approx(20.0)
     assert scores["emotional_trajectory/en/emotion_exact"] == 0.0
@@ -161,13 +169,13 @@ def test_score_predictions_picks_metrics_per_task_and_language():
     assert "asr/en/bleu" not in scores
 
 
-def test_blind_test_set_is_not_scored():
-    assert evaluate.score_predictions([{"task": "empathy", "language": "en", "reference": "",
-                                        "prediction": "I see."}]) == {}
+def test_blind_test_set_gets_only_the_reference_free_language_match():
+    assert metrics.score_records([{"task": "empathy", "language": "en", "reference": "",
+                                   "prediction": "I see."}]) == {"empathy/en/language_match": 100.0}
 
 
 def test_trajectory_with_unlabelled_turns_is_an_error():
     records = [{"task": "emotional_trajectory", "language": "en", "reference": "sad", "prediction": "sad",
                 "emotions": ["sad", ""]}]
     with pytest.raises(ValueError, match="lack gold per-turn emotion labels"):
-        evaluate.score_predictions(records)
+        metrics.score_records(records)

@@ -120,7 +120,7 @@ def test_training_step_updates_only_qformer_projection_norms_and_lora():
 
 def test_generate_returns_clean_text(model):
     batch = clips(1.5, 2.5)
-    texts = model.generate(batch, {"max_new_tokens": 8, "num_beams": 1, "do_sample": False}, prompts=[PROMPT] * 2)
+    texts = model.generate({**batch, "prompt": [PROMPT] * 2}, {"max_new_tokens": 8, "num_beams": 1, "do_sample": False})
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert not any(tok in t for t in texts for tok in ("<s>", "</s>", "<unk>"))
 
@@ -135,8 +135,8 @@ def test_batch_invariance_encode_and_generate(model):
             torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     prompts = [PROMPT, "USER: <Speech><SpeechHere></Speech> A much longer question about the audio?\nASSISTANT:",
                PROMPT]
-    together = model.generate(batch, gen, prompts=prompts)
-    alone = [model.generate(rows(batch, [i]), gen, prompts=[prompts[i]])[0] for i in range(3)]
+    together = model.generate({**batch, "prompt": prompts}, gen)
+    alone = [model.generate({**rows(batch, [i]), "prompt": [prompts[i]]}, gen)[0] for i in range(3)]
     assert together == alone
 
 
@@ -198,7 +198,7 @@ def test_several_speech_slots_and_long_turns(model):
     two_turns = "USER: Turn 1: <Speech><SpeechHere></Speech>\nTurn 2: <Speech><SpeechHere></Speech> Q?\nASSISTANT:"
     samples = {**batch, "speech_slots": [[[0, 1], [2]]], "prompt": [two_turns], "text": ["ok"], "task": ["x"]}
     with torch.no_grad():
-        embeds, mask, labels = model._batch_sequences(samples, [two_turns], with_targets=True, left_pad=False)
+        embeds, mask, labels = model._batch_sequences(samples, with_targets=True, left_pad=False)
     tok = model.tokenizer
     text_tokens = sum(len(tok.encode(p)) for p in two_turns.split("<SpeechHere>")) + 1  # + bos
     target = len(tok.encode("ok</s>"))
@@ -206,7 +206,7 @@ def test_several_speech_slots_and_long_turns(model):
     assert int((labels != -100).sum()) == target
     bad = {**samples, "speech_slots": [[[0], [1], [2]]]}
     with pytest.raises(ValueError, match="2 <SpeechHere> slots but the batch gives 3"):
-        model._batch_sequences(bad, [two_turns], with_targets=True, left_pad=False)
+        model._batch_sequences(bad, with_targets=True, left_pad=False)
 
 
 def test_long_target_is_cut_with_a_warning_and_keeps_end_symbol(caplog):

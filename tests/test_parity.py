@@ -177,7 +177,7 @@ def test_generate_end_to_end_single_clip(variant, inputs, i):
     prompt = META["variants"][name]["info"]["generate_prompt"]
     samples = clip(inputs, i)
     with torch.no_grad():
-        embeds, mask, _ = model._batch_sequences(samples, [prompt], with_targets=False, left_pad=True)
+        embeds, mask, _ = model._batch_sequences({**samples, "prompt": [prompt]}, with_targets=False, left_pad=True)
         torch.testing.assert_close(embeds, ref["generate.inputs_embeds"][i : i + 1], atol=ATOL, rtol=ATOL)
         out = model.llama_model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=10, do_sample=False,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from prompting import (SPEECH_SLOT, SPEECH_TAG, PromptError, TurnText, apply_template, choose_prompt,
-                       expand_turns, fill_question, load_prompts, prompt_task, question_prompt)
+                       expand_turns, fill_question, load_prompts, prompt_key, question_prompt)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "USER: {}\nASSISTANT:"
@@ -96,16 +96,16 @@ def test_expand_turns_needs_exactly_one_tag():
 
 
 def test_question_prompt_single_file_is_the_original_form_and_several_files_get_turns():
-    assert question_prompt("What is said?", 1) == f"USER: {SPEECH_TAG} What is said?\nASSISTANT:"
-    several = question_prompt("What changed?", 3)
+    assert question_prompt("What is said?", 1, TEMPLATE) == f"USER: {SPEECH_TAG} What is said?\nASSISTANT:"
+    several = question_prompt("What changed?", 3, TEMPLATE)
     assert several.count(SPEECH_SLOT) == 3 and several.startswith("USER: Turn 1: ")
     assert several.endswith("What changed?\nASSISTANT:")
 
 
-def test_prompt_task_prefers_the_language_variant():
+def test_prompt_key_prefers_the_language_variant():
     prompts = {"empathy": ["a"], "empathy_zh": ["b"]}
-    assert prompt_task(prompts, "empathy", "zh") == "empathy_zh"
-    assert prompt_task(prompts, "empathy", "en") == "empathy"
+    assert prompt_key(prompts, "empathy", "zh") == "empathy_zh"
+    assert prompt_key(prompts, "empathy", "en") == "empathy"
 
 
 @pytest.mark.parametrize("name", ["train_prompt.json", "test_prompt.json"])

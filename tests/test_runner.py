@@ -3,8 +3,10 @@ accumulation == big batch, non-finite loss handling, atomic checkpoints, decodin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -335,17 +337,36 @@ def test_bad_run_value_fails_before_training(corpus: Path, tmp_path: Path) -> No
         run_train(corpus_options(corpus, tmp_path, resume=str(tmp_path / "missing.pth")))
 
 
+def test_a_fresh_run_never_overwrites_an_existing_one(corpus: Path, uninterrupted: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    old_run = tmp_path / "run"
+    shutil.copytree(uninterrupted, old_run)
+    before = {p.name: p.read_bytes() for p in old_run.iterdir() if p.is_file()}
+    assert train.cli(["--cfg-path", DEMO_CFG, "--options", *corpus_options(corpus, old_run, **RESUME_RUN)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: run.output_dir '{old_run}' already holds a run (checkpoint_best.pth")
+    assert "--resume auto" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in old_run.iterdir() if p.is_file()} == before  # nothing touched
+    # Asked to, it continues the run that is there (already finished: no step is added).
+    assert run_train([*corpus_options(corpus, old_run, **RESUME_RUN), "run.resume=auto"]) == 0
+    assert [step for step, _ in runner.step_checkpoints(old_run)] == [TOTAL_STEPS - 1, TOTAL_STEPS]
+
+
 def test_evaluate_decodes_the_test_split_from_a_trained_checkpoint(corpus: Path, uninterrupted: Path,
                                                                     tmp_path: Path) -> None:
     ckpt = uninterrupted / "checkpoint_best.pth"
     assert run_train([*corpus_options(corpus, tmp_path, evaluate=True), f"model.ckpt={ckpt}"]) == 0
-    records = json.loads((tmp_path / "predictions_test.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "eval_test" / "predictions.jsonl").read_text().splitlines()]
     test_ids = [e["id"] for e in json.loads((corpus / "test.json").read_text())["annotation"]]
     assert [r["id"] for r in records] == test_ids
     for record in records:
         assert {"id", "task", "prompt", "prediction", "reference"} <= set(record)
         assert "<SpeechHere>" in record["prompt"] and isinstance(record["prediction"], str)
-    assert "asr/en/wer" in json.loads((tmp_path / "scores_test.json").read_text())
+    written = json.loads((tmp_path / "eval_test" / "scores.json").read_text())
+    assert "asr/en/wer" in written["scores"]
+    assert written["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert written["checkpoint"]["bytes"] == ckpt.stat().st_size
+    assert all(r["checkpoint_sha256"] == written["checkpoint"]["sha256"] for r in records)
     assert not (tmp_path / "checkpoint_best.pth").exists()
 
 

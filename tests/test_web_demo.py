@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 
 import web_demo
-from cli_inference import without_unused_sampling
+from inference import without_unused_sampling
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -130,13 +130,13 @@ def expected_answer(wav: str) -> str:
     """What the server's model (same config, same seed) answers with the page's default settings."""
     import torch
 
-    from cli_inference import Session, load_inference_config, load_model
+    from inference import Assistant, load_inference_config, load_model
 
     cwd = os.getcwd()
     os.chdir(REPO)  # the demo config's paths are relative to the repository
     try:
         cfg = load_inference_config(None, [])
-        session = Session(load_model(cfg, torch.device("cpu")), cfg, {})
+        session = Assistant(load_model(cfg, torch.device("cpu")), cfg, {})
     finally:
         os.chdir(cwd)
     settings = {**cfg.generate, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS}

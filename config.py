@@ -1,0 +1,248 @@
+"""The config: one YAML per experiment with `model:`, `datasets:`, `run:` and `generate:` sections (the original
+SALMONN layout), checked against SCHEMA, the one home of every key's default and allowed values.
+
+`load_config` merges several files and `--options a.b=c` overrides, checks every key (a misspelt key fails at
+start, naming the closest known key) and fills defaults. Light to import: the standard library and omegaconf
+only, so reading a config never loads torch, transformers or the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: unknown, missing, retired or mistyped key."""
+
+
+REQUIRED = "???"  # OmegaConf's marker for a value that must be given
+
+# The model section (models/salmonn.py reads it). Keys keep the original implementation's meaning; the paths are
+# local folders/files only (nothing is fetched from a hub).
+MODEL_DEFAULTS: dict[str, Any] = dict(
+    llama_path="", whisper_path="", beats_path="",  # Vicuna/LLaMA folder, whisper-large-v2 folder, BEATs .pt
+    ckpt="",  # salmonn_v1.pth / salmonn_7b_v0.pth or a checkpoint of ours: the trained tensors
+    random_init=False,  # build every component from its config with random weights (tiny default only)
+    freeze_whisper=True, freeze_beats=True, freeze_speech_QFormer=False, freeze_speech_llama_proj=False,
+    use_speech_Qformer=True, window_level_Qformer=True,
+    num_speech_query_token=1, second_per_window=0.333333, second_stride=0.333333,
+    qformer_hidden_size=768, qformer_num_layers=2, qformer_num_heads=12, qformer_intermediate_size=3072,
+    qformer_initializer_range=0.02,  # init scale of a Q-Former trained from scratch
+    speech_llama_proj_model="",  # a checkpoint to take only the projection from
+    lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
+    lora_scaling=None,  # LoRA scaling at inference; None = lora_alpha / lora_rank
+    trim_speech_padding=False,  # drop the speech tokens of Whisper's 30 s zero-padding
+    cache_frozen_encoders=False,  # run frozen Whisper/BEATs once per clip (outputs kept in host memory)
+    multi_prompt=True,  # training: a random prompt of the task per sample (seeded by seed, epoch, index);
+                        # false: always the task's first prompt. Evaluation always uses the first.
+    prompt_path="", test_prompt_path="",  # task -> prompts (training / evaluation)
+    prompt_template="USER: {}\nASSISTANT:",  # the chat template each prompt is wrapped in once
+    max_txt_len=128, end_sym="</s>",
+    low_resource=False,  # the original's 8-bit LLaMA: refused (use torch_dtype)
+    torch_dtype="float32",  # dtype of the frozen Whisper, BEATs and LLaMA weights; trained tensors stay fp32
+)
+
+# Every known key per section with its default. A nested dict is a sub-section (run.optims).
+# A default of None accepts any type; otherwise the value must have the default's type (int is accepted
+# where a float is expected).
+SCHEMA: dict[str, dict[str, Any]] = {
+    "model": {**MODEL_DEFAULTS, "llama_path": REQUIRED, "whisper_path": REQUIRED},
+    "datasets": {
+        "train_ann_path": "",  # annotation JSON written by convert.py (relative audio paths: its folder)
+        "valid_ann_path": "",
+        "test_ann_path": "",
+        "turn_mode": "per_turn",  # per_turn: one <SpeechHere> slot per user turn | concat: the original fine-tune
+        "text_inputs": "audio",  # audio | audio+transcript | audio+transcript+replies
+        "concat_gap_s": 0.5,  # silence between turns in concat mode
+        "silence_audio": False,  # ablation: every clip replaced by zeros of the same length
+        # None = the model section's value
+        "whisper_path": None,
+        "prompt_path": None,
+        "test_prompt_path": None,
+        "prompt_template": None,
+    },
+    "run": {
+        "seed": 42,
+        "output_dir": "outputs/run",
+        "evaluate": False,  # only decode the test split to <output_dir>/predictions_test.json
+        "resume": "",  # '' | 'auto' (latest checkpoint in output_dir) | path to a checkpoint
+        "device": "auto",  # auto (cuda if available) | cuda | cpu
+        "precision": "auto",  # auto (bf16 on GPUs that support it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
+        "fsdp": False,  # shard the model over the ranks (LLMs that do not fit one GPU)
+        "log_freq": 5,
+        "epoch_based": False,  # True: an epoch is one pass over the training data
+        "iters_per_epoch": 3000,  # optimizer steps per epoch when epoch_based is False
+        "accum_grad_iters": 1,
+        "batch_size_train": 8,  # per process
+        "batch_size_eval": 8,
+        "num_workers": 4,
+        "group_by_length": False,  # batches of samples of alike audio length: less padding, faster steps
+        "grad_clip": 1.0,  # max global grad norm; 0 = no clipping
+        "nonfinite_loss": "stop",  # stop | skip (skip the step and count it)
+        "valid_every_steps": 0,  # 0 = validate at the end of each epoch only
+        "valid_decode_samples": 0,  # decode this many validation samples and score them with metrics.py
+        "best_metric": "acc",  # a validation metric name: loss, acc, or a decode metric (e.g. wer)
+        "best_metric_mode": "max",  # max | min
+        "save_every_steps": 0,  # 0 = checkpoint at the end of each epoch only
+        "keep_last": 2,  # step/epoch checkpoints kept besides checkpoint_best.pth
+        "optims": {
+            "max_epoch": 30,
+            "warmup_steps": 3000,
+            "warmup_start_lr": 1e-6,
+            "init_lr": 3e-5,
+            "min_lr": 1e-5,
+            "weight_decay": 0.05,
+            "beta1": 0.9,
+            "beta2": 0.999,
+            "eps": 1e-8,
+        },
+    },
+    "generate": {
+        "max_new_tokens": 200,
+        "num_beams": 4,
+        "do_sample": False,
+        "min_length": 1,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+    },
+}
+
+# Keys of the original SALMONN configs that this repo does not use, and what to do instead.
+RETIRED: dict[str, str] = {
+    "run.amp": "use run.precision: auto | bf16 | fp16 | fp32",
+    "run.use_distributed": "distributed runs start with torchrun; remove the key",
+    "run.world_size": "torchrun sets the world size (--nproc_per_node/--nnodes); remove the key",
+    "run.dist_url": "torchrun sets the rendezvous; remove the key",
+    "run.gpu": "torchrun sets LOCAL_RANK; remove the key",
+    "run.job_name": "use run.output_dir",
+    "model.device_8bit": "8-bit loading is not supported; remove the key",
+    "datasets.prefix": "audio paths resolve against the annotation file's folder (convert.py writes them so)",
+}
+
+# Keys whose value must be one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.torch_dtype": ("float32", "bfloat16", "float16"),
+    "datasets.turn_mode": ("per_turn", "concat"),
+    "datasets.text_inputs": ("audio", "audio+transcript", "audio+transcript+replies"),
+    "run.device": ("auto", "cuda", "cpu"),
+    "run.precision": ("auto", "bf16", "fp16", "fp32"),
+    "run.nonfinite_loss": ("stop", "skip"),
+    "run.best_metric_mode": ("max", "min"),
+}
+
+# Sections that are always present (filled with defaults when the file has none).
+ALWAYS_PRESENT = ("run", "generate")
+
+
+def load_config(cfg_path: str | list[str], options: list[str] | None = None,
+                required_sections: tuple[str, ...] = ()) -> DictConfig:
+    """Read a YAML config (several are merged in order, a later file winning), apply `key=value` overrides,
+    validate it against SCHEMA and fill defaults.
+
+    Raises ConfigError naming the offending key (with the closest known key for a misspelling).
+    """
+    paths = [cfg_path] if isinstance(cfg_path, (str, os.PathLike)) else list(cfg_path)
+    files = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        files.append(loaded)
+    user = OmegaConf.merge(*files, _parse_options(options or []))
+    user_dict = OmegaConf.to_container(user, resolve=True)
+
+    resolved: dict[str, Any] = {}
+    _check_unknown(user_dict, SCHEMA, prefix="")
+    for section, schema in SCHEMA.items():
+        if section in user_dict:
+            given = user_dict[section] if user_dict[section] is not None else {}
+            resolved[section] = _fill_section(given, schema, prefix=section)
+        elif section in ALWAYS_PRESENT:
+            resolved[section] = _fill_section({}, schema, prefix=section)
+    for section in required_sections:
+        if section not in resolved:
+            raise ConfigError(f"{' + '.join(map(str, paths))}: the `{section}:` section is required")
+    return OmegaConf.create(resolved)
+
+
+def _parse_options(options: list[str]) -> DictConfig:
+    """`["a.b=c", ...]` -> config; values are parsed as YAML (numbers, bools, lists)."""
+    for option in options:
+        if "=" not in option:
+            raise ConfigError(f"--options expects key=value, got {option!r}")
+    return OmegaConf.from_dotlist(options)
+
+
+def _check_unknown(given: dict[str, Any], schema: dict[str, Any], prefix: str) -> None:
+    """Fail on the first key that the schema does not know, suggesting the closest known one."""
+    for key, value in given.items():
+        name = f"{prefix}{key}"
+        if name in RETIRED:
+            raise ConfigError(f"config key `{name}` is not used by this repo: {RETIRED[name]}")
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"unknown config key `{name}`{hint} (known keys here: {known})")
+        if isinstance(schema[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key `{name}` must be a section (a mapping), got {value!r}")
+            _check_unknown(value, schema[key], prefix=f"{name}.")
+
+
+def _fill_section(given: dict[str, Any], schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Merge `given` over the defaults, failing on a missing required key or a mistyped value."""
+    out: dict[str, Any] = {}
+    for key, default in schema.items():
+        name = f"{prefix}.{key}"
+        if isinstance(default, dict):
+            out[key] = _fill_section(given.get(key) or {}, default, prefix=name)
+            continue
+        value = given.get(key, default)
+        if value == REQUIRED:
+            raise ConfigError(f"required config key `{name}` is missing")
+        _check_type(name, value, default)
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"config key `{name}` must be one of {', '.join(CHOICES[name])}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    if default is None or default == REQUIRED or value is None:
+        return
+    expected = type(default)
+    ok = isinstance(value, expected)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if expected is int and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise ConfigError(f"config key `{name}` must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def config_to_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
+    """Plain-Python copy of a config (for checkpoints, which load with weights_only=True)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+
+
+def section_defaults(section: str, given: Any = None) -> dict[str, Any]:
+    """A section's defaults with the keys of `given` (a mapping, possibly partial) on top: for code that takes one
+    section without going through load_config (tests, library callers)."""
+    defaults = MODEL_DEFAULTS if section == "model" else SCHEMA[section]
+    given = {} if given is None else dict(given)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown {section} key(s): {', '.join(unknown)}")
+    return {**defaults, **given}

@@ -1,0 +1,245 @@
+"""Inference, below the scripts: the config and model for answering, generation settings, streamed answers, and
+batched decoding into records together with the files they are written to.
+
+cli_inference.py, evaluate.py, web_demo.py, the runner (validation decoding, `run.evaluate`) and the benchmarks
+all go through here, so a decode gives the same records and files whichever script runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from transformers import TextIteratorStreamer
+
+from config import ConfigError, config_to_dict, load_config
+from dataset_v1 import load_feature_extractor, make_batch
+from labels import text_language
+from metrics import aligned_emotions, group_records, score_records
+from models.salmonn import SALMONN
+from submission import write_submissions
+from utils import autocast, autocast_dtype, code_version, file_fingerprint, resolve_device, seed_everything
+
+log = logging.getLogger("salmonn.inference")
+
+DEFAULT_CFG_PATHS = ["configs/demo.yaml"]
+
+# generate: keys settable from the command line (HF GenerationConfig names) and their types.
+GENERATION_FLAGS: dict[str, type] = {
+    "max_new_tokens": int, "num_beams": int, "temperature": float, "top_p": float,
+    "repetition_penalty": float, "length_penalty": float, "min_length": int,
+}
+SAMPLING_ONLY = ("temperature", "top_p")
+
+
+# ---------------------------------------------------------------------------------------------- config and model
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cfg-path/--options/--device/--lora-scaling and one flag per generation setting."""
+    parser.add_argument("--cfg-path", action="append", metavar="YAML",
+                        help="config file(s), merged in order (a model config, then e.g. configs/decode_config.yaml); "
+                             "default: " + " + ".join(DEFAULT_CFG_PATHS))
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. model.ckpt=outputs/run/checkpoint_best.pth")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    parser.add_argument("--lora-scaling", type=float, default=None,
+                        help="inference LoRA scaling (default alpha/rank); lower it to bring back abilities the "
+                             "fine-tune suppressed")
+    group = parser.add_argument_group("generation (override the config's generate: section)")
+    for key, kind in GENERATION_FLAGS.items():
+        group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
+    group.add_argument("--do-sample", dest="do_sample", action=argparse.BooleanOptionalAction, default=None)
+
+
+def load_inference_config(cfg_paths: list[str] | None, options: list[str]) -> DictConfig:
+    """The merged, validated config of one or more YAML files; it must describe a model."""
+    paths = cfg_paths or DEFAULT_CFG_PATHS
+    cfg = load_config(paths, options)
+    if "model" not in cfg:
+        raise ConfigError(f"no `model:` section in {' + '.join(paths)}: add the model's config, e.g. "
+                          f"--cfg-path configs/demo.yaml --cfg-path {paths[-1]}")
+    return cfg
+
+
+def generation_settings(generate_cfg: Mapping[str, Any], args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The config's generate: section with the flags that were given on top, ready for SALMONN.generate."""
+    settings = dict(OmegaConf.to_container(generate_cfg, resolve=True) if isinstance(generate_cfg, DictConfig)
+                    else generate_cfg)
+    for key in [*GENERATION_FLAGS, "do_sample"]:
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    return without_unused_sampling(settings)
+
+
+def without_unused_sampling(settings: dict[str, Any]) -> dict[str, Any]:
+    """Sampling knobs dropped when not sampling: they would do nothing but make transformers warn."""
+    if settings.get("do_sample"):
+        return settings
+    return {k: v for k, v in settings.items() if k not in SAMPLING_ONLY}
+
+
+def load_model(cfg: DictConfig, device: torch.device, lora_scaling: float | None = None) -> SALMONN:
+    """SALMONN from the `model:` section, on `device`, in eval mode. Missing weights raise FileNotFoundError
+    naming what to download where. Seeded by run.seed: the random-init demo model and sampling repeat."""
+    seed_everything(cfg.run.seed)
+    model = SALMONN.from_config(cfg.model)
+    if lora_scaling is not None:
+        model.set_lora_scaling(lora_scaling)
+    if not cfg.model.ckpt:
+        print(f"warning: {untrained_warning(cfg)}", file=sys.stderr, flush=True)
+    return model.to(device).eval()
+
+
+def untrained_warning(cfg: DictConfig) -> str:
+    """What decoding without `model.ckpt` means: the Q-Former, projection and LoRA keep their random init."""
+    what = "the untrained demo model (random init)" if cfg.model.random_init else "an untrained SALMONN"
+    return (f"model.ckpt is empty: answering with {what}; the Q-Former, projection and LoRA are random, so answers "
+            "do not reflect the audio. Set model.ckpt to salmonn_v1.pth / salmonn_7b_v0.pth or a checkpoint of ours.")
+
+
+def provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What a score came from: the checkpoint (path, size, sha256; None without one), the resolved config and the
+    code version."""
+    checkpoint = file_fingerprint(cfg.model.ckpt) if cfg.model.ckpt else None
+    return {"checkpoint": checkpoint, "config": config_to_dict(cfg), "code_version": code_version()}
+
+
+def inference_dtype(cfg: DictConfig, model: SALMONN) -> torch.dtype | None:
+    """The autocast dtype for decoding: `run.precision` with the policy training uses (utils.autocast_dtype)."""
+    return autocast_dtype(cfg.run.precision, model.device, model.llm_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- answering
+def can_stream(generate_settings: dict[str, Any], batch_size: int) -> bool:
+    """HF streamers follow one hypothesis: batch size 1 without beam search."""
+    return batch_size == 1 and generate_settings.get("num_beams", 1) == 1
+
+
+def stream_answer(model: SALMONN, batch: dict[str, Any], generate_settings: dict[str, Any],
+                  amp_dtype: torch.dtype | None = None) -> Iterator[str]:
+    """Text pieces of the answer as they are generated (one piece with beam search, which cannot stream).
+
+    The pieces join to the model's final answer up to surrounding whitespace."""
+    if not can_stream(generate_settings, len(batch["prompt"])):
+        with autocast(amp_dtype, model.device):
+            yield model.generate(batch, generate_settings)[0]
+        return
+    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with autocast(amp_dtype, model.device):  # autocast is per thread
+                model.generate(batch, generate_settings, streamer=streamer)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread below, then re-raised
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    started = False
+    for piece in streamer:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+class Assistant:
+    """A model ready to answer questions about audio: the loaded model with its config, Whisper feature extractor,
+    prompt template, autocast dtype and generation settings."""
+
+    def __init__(self, model: SALMONN, cfg: DictConfig, generate_settings: dict[str, Any]):
+        self.model = model
+        self.cfg = cfg
+        self.generate_settings = generate_settings
+        self.template = cfg.model.prompt_template
+        self.feature_extractor = load_feature_extractor(cfg.get("datasets", {}).get("whisper_path")
+                                                        or cfg.model.whisper_path)
+        self.amp_dtype = inference_dtype(cfg, model)
+
+    def batch(self, wav_paths: list[str], prompt: str) -> dict[str, Any]:
+        """A one-sample batch; AudioError/FileNotFoundError/ValueError say what is wrong with the input. Turn
+        labels follow the prompt's language (Chinese prompts get 第n轮, others Turn n)."""
+        if not wav_paths:
+            raise ValueError("no audio file given: enter one path per dialogue turn")
+        if not prompt.strip():
+            raise ValueError("empty prompt: type a question or an instruction about the audio")
+        return make_batch(wav_paths, prompt.strip(), self.feature_extractor, template=self.template,
+                          language=text_language(prompt))
+
+    def answer(self, wav_paths: list[str], prompt: str,
+               generate_settings: dict[str, Any] | None = None) -> Iterator[str]:
+        """The answer's text pieces, with the assistant's generation settings unless others are given."""
+        yield from stream_answer(self.model, self.batch(wav_paths, prompt),
+                                 generate_settings or self.generate_settings, self.amp_dtype)
+
+
+def open_assistant(args: argparse.Namespace) -> Assistant:
+    """Config + model + generation settings from the shared flags (add_model_arguments)."""
+    cfg = load_inference_config(args.cfg_path, args.options)
+    model = load_model(cfg, resolve_device(args.device), args.lora_scaling)
+    return Assistant(model, cfg, generation_settings(cfg.generate, args))
+
+
+# ---------------------------------------------------------------------------------------------- batched decoding
+def prediction_record(batch: dict[str, Any], index: int, prediction: str) -> dict[str, Any]:
+    """One line of predictions.jsonl: what was asked, what the model answered and what it is scored against.
+    With gold per-turn labels (`emotions`), `emotions_read` holds what the trajectory metric read from the answer
+    for each turn (metrics.aligned_emotions), so a score can be checked line by line."""
+    gold = batch["emotions"][index]
+    return {"id": batch["id"][index], "task": batch["task"][index], "language": batch["language"][index],
+            "prompt": batch["prompt"][index], "prediction": prediction, "reference": batch["text"][index],
+            "emotions": gold, "emotions_read": [list(s) for s in aligned_emotions(prediction, len(gold))]}
+
+
+@torch.no_grad()
+def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings: dict[str, Any],
+           amp_dtype: torch.dtype | None, full_params: Callable[[], AbstractContextManager] = nullcontext,
+           show_progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Records (prediction_record) for every sample, in batch order, as each batch is decoded. Batches are
+    left-padded and each sample stops at its own end token (SALMONN.generate); `full_params` wraps each generate
+    call (FSDP gathers the full parameters there)."""
+    settings = without_unused_sampling(dict(generate_settings))
+    for batch in tqdm(batches, desc="decode", unit="batch", disable=not show_progress, dynamic_ncols=True):
+        with autocast(amp_dtype, model.device), full_params():
+            predictions = model.generate(batch, settings)
+        for i, prediction in enumerate(predictions):
+            yield prediction_record(batch, i, prediction)
+
+
+def write_predictions(records: list[dict[str, Any]], path: Path) -> None:
+    """predictions.jsonl: one JSON record per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_decode_outputs(records: list[dict[str, Any]], out_dir: Path, cfg: DictConfig, info: dict[str, Any]
+                         ) -> tuple[dict[str, float], dict[str, int]]:
+    """What a decode leaves in out_dir: predictions.jsonl (each record with the checkpoint's sha256),
+    submission_<task>.csv and scores.json (the scores, per-group sample counts, `info` such as the annotation and
+    generation settings, and the provenance: checkpoint, resolved config, code version). Returns (scores, counts)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = provenance(cfg)
+    checkpoint_sha256 = source["checkpoint"]["sha256"] if source["checkpoint"] else None
+    write_predictions([{**r, "checkpoint_sha256": checkpoint_sha256} for r in records], out_dir / "predictions.jsonl")
+    write_submissions(records, out_dir)
+    scores = score_records(records)
+    counts = {f"{task}/{language}": len(group) for (task, language), group in group_records(records).items()}
+    (out_dir / "scores.json").write_text(json.dumps(
+        {**info, "num_samples": len(records), "counts": counts, "scores": scores, **source}, ensure_ascii=False,
+        indent=1), encoding="utf-8")
+    return scores, counts
