@@ -3,7 +3,7 @@
     python cli_inference.py                                # tiny demo model (configs/demo.yaml), interactive
     python cli_inference.py --options model.ckpt=outputs/demo/checkpoint_best.pth --wav turn1.wav \
         --wav turn2.wav --prompt "How did my emotions change?"
-    python cli_inference.py --cfg-path configs/finetune_humdial.yaml --cfg-path configs/decode_config.yaml
+    python cli_inference.py --cfg-path configs/config.yaml --cfg-path configs/decode_config.yaml
 
 Interactive loop: type one audio path per dialogue turn on the `audio>` line (separated by spaces; quote a path
 that holds spaces), then the question on the `prompt>` line. `quit` or Ctrl-D exits. A missing file, unreadable
@@ -68,8 +68,9 @@ def interactive(assistant: Assistant) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--wav", action="append", default=[], metavar="AUDIO",
-                        help="one-shot mode: an audio file per dialogue turn (repeat the flag); needs --prompt")
+    parser.add_argument("--wav", action="extend", nargs="+", default=[], metavar="AUDIO",
+                        help="one-shot mode: an audio file per dialogue turn, in order (several after one flag, or "
+                             "the flag repeated); needs --prompt")
     parser.add_argument("--prompt", default=None, help="one-shot mode: the question about the audio")
     args = parser.parse_args(argv)
     if bool(args.wav) != (args.prompt is not None):

@@ -1,5 +1,6 @@
 """The config: one YAML per experiment with `model:`, `datasets:`, `run:` and `generate:` sections (the original
-SALMONN layout), checked against SCHEMA, the one home of every key's default and allowed values.
+SALMONN layout), `judge:` (the LLM judge) and `submission:` (the challenge package), checked against SCHEMA,
+the one home of every key's default and allowed values.
 
 `load_config` merges several files and `--options a.b=c` overrides, checks every key (a misspelt key fails at
 start, naming the closest known key) and fills defaults. Light to import: the standard library and omegaconf
@@ -112,6 +113,29 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "repetition_penalty": 1.0,
         "length_penalty": 1.0,
     },
+    "judge": {  # the LLM judge of Tasks 1-3 (judge.py), any OpenAI-compatible chat-completions endpoint
+        "base_url": "",  # e.g. http://localhost:8000/v1 (vllm serve); '' = no judging unless --judge-url
+        "model": "",  # the model name the endpoint serves (vllm serve --served-model-name)
+        "api_key_env": "",  # environment variable holding the API key; '' = "EMPTY" (vLLM without --api-key)
+        "temperature": 0.6,  # the challenge's sampling settings
+        "top_p": 0.95,
+        "top_k": 20,  # sent in the request body as vLLM takes it
+        "max_tokens": 1024,
+        "timeout": 120.0,  # seconds per request
+        "max_retries": 5,  # on connection errors, timeouts, 429 and 5xx, with exponential back-off
+        "concurrency": 8,  # requests in flight
+        "prompt_path": "prompts/judge_prompts.json",
+        "cache_path": "",  # JSONL of judge replies; '' = judge_cache.jsonl next to the predictions
+    },
+    "submission": {  # the challenge package (evaluate.py --submission-dir; submission.py)
+        # Task 3 replies are spoken by this command per language: a template with {text} and {out} (the wav to
+        # write), split like a shell line but run without one. espeak-ng is the offline default; a competitive
+        # entry needs a neural open-source TTS (the organisers forbid commercial ones).
+        "tts_command": {
+            "zh": "espeak-ng -v cmn -w {out} {text}",
+            "en": "espeak-ng -v en-us -w {out} {text}",
+        },
+    },
 }
 
 # Keys of the original SALMONN configs that this repo does not use, and what to do instead.
@@ -138,7 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Sections that are always present (filled with defaults when the file has none).
-ALWAYS_PRESENT = ("run", "generate")
+ALWAYS_PRESENT = ("run", "generate", "judge", "submission")
 
 
 def load_config(cfg_path: str | list[str], options: list[str] | None = None,

@@ -3,29 +3,41 @@
     python convert.py INPUT.jsonl [INPUT2.jsonl ...] -o OUT_DIR [--audio-root DIR] [--valid-ratio R]
                       [--seed S] [--task TASK] [--name train] [--skip-invalid] [--blind]
 
-Input, one dialogue per line (only user turns have audio; the last turn asks about the conversation and its
-reply is the target; `response_txt` is accepted for `response_text`):
+Input, one dialogue per line (only user turns have audio; `response_txt` is accepted for `response_text`):
 
     {"dialogue_id": "zh_0102_0001", "turns": [{"turn_id": 1, "text": "...", "emotion": "surprise",
       "split_audio_file": "task1_3/zh_0102_0001_1.wav", "response_text": "..."}, ...]}
 
 Output entry (one per dialogue and task; audio paths relative to OUT_DIR, the dataset resolves them there):
 
-    {"id", "task", "language", "Q": last user text, "text": target (last reply), "source": "file:line",
+    {"id", "task", "language", "Q": the evaluated turn's text, "text": its reply (the target),
+     "eval_turn_id": its turn_id, "eval_turn_from": what decided it, "source": "file:line",
+     "release_record": the input line as read (evaluate.py --submission-dir copies it into the package),
      "turns": [{"path", "transcript", "emotion", "duration", "reply"}, ..., {"path", "transcript", "emotion",
-               "duration"}]}          # the last turn has no "reply": that reply is the target
+               "duration"}]}          # the turns up to the evaluated one, which has no "reply": it is the target
+
+The evaluated turn is the one the challenge scores (submission.evaluated_turn): the last turn for Task 1 and 2
+(the user asks about the conversation); for Task 3 (empathy) the second turn whose emotion is not neutral, as
+the organisers' scorer reads the labels, with the turns after it left out. An empathy dialogue with fewer than
+two non-neutral turns is invalid. A blind test file without labels is read as the scorer reads it (an unlabelled
+turn is not neutral) unless its replies mark the turn (the first turn without a reply after turns with one); the
+report counts which rule decided (`eval_turns`).
 
 The task comes from `--task`, else from a `task` field of the dialogue, else from the input's file or folder
-name (`T1`/`task1` -> emotional_trajectory, `T2` -> emotional_reasoning, `T3` -> empathy).
+name: the number right after `T` or `task`, so `HD-Track1-T1.jsonl` and `task1_3.jsonl` (task 1, 3 turns) are
+emotional_trajectory, `T2`/`task2_4` emotional_reasoning, `T3`/`task3_5` empathy. The language is the
+dialogue's `language` field, else the input's folder (`zh/`, `en/`, as the test release), else a `zh`/`en` part
+of the dialogue id, else the text's script.
 A `.json` input in the original SALMONN format (`{"annotation": [{"path", "text", "task", "Q"?}]}`) is
 checked and passed through with its paths rewritten the same way.
 
 `--blind` converts a test set without labels or targets (what the challenge hands out): `emotion`, `text` and
 the replies may be absent (then "" in the output) but are still checked when present.
 
-Any invalid record is an error naming file, line, dialogue, turn and key; nothing is written and the exit code
-is 1. With `--skip-invalid` the record is skipped instead, each reason is counted, and the report
-(`OUT_DIR/<name>_report.json`, always written on success) lists every skipped record.
+Invalid records are errors naming file, line, dialogue, turn and key: all of them are reported in one pass (the
+first 50 in full, then a count), nothing is written and the exit code is 1. With `--skip-invalid` they are
+skipped instead, each reason is counted, and the report (`OUT_DIR/<name>_report.json`, always written on
+success) lists every skipped record.
 """
 from __future__ import annotations
 
@@ -33,7 +45,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,11 +52,11 @@ from pathlib import Path
 
 import soundfile as sf
 
-from labels import EMOTIONS, TASK_BY_NUMBER, TASKS, canonical_emotion, text_language
+from labels import EMOTIONS, TASKS, canonical_emotion
+from submission import REPLY_KEYS, evaluated_turn, release_language, task_from_name, turn_id_of
 
-REPLY_KEYS = ("response_text", "response_txt")
 SINGLE_CLIP_KEYS = ("path", "text", "task")
-_TASK_IN_NAME = re.compile(r"(?:^|[^a-z0-9])t(?:ask)?[-_]?([123])(?![0-9])", re.IGNORECASE)
+MAX_REPORTED_ERRORS = 50  # strict mode prints this many invalid records in full, then a count
 
 
 class DataError(ValueError):
@@ -54,6 +65,18 @@ class DataError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class InvalidRecords(DataError):
+    """Every invalid record of a strict run, reported together: one line each (the first MAX_REPORTED_ERRORS),
+    then a count."""
+
+    def __init__(self, errors: list[DataError]):
+        lines = [str(e) for e in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_REPORTED_ERRORS} more")
+        lines.append(f"{len(errors)} invalid record(s); nothing written (--skip-invalid skips and counts them)")
+        super().__init__("invalid_records", "\n".join(lines))
 
 
 @dataclass
@@ -68,11 +91,16 @@ class Stats:
     labels: Counter = field(default_factory=Counter)
     turns_per_dialogue: Counter = field(default_factory=Counter)
     aliases: Counter = field(default_factory=Counter)  # "angry -> anger" -> count
+    eval_turns: Counter = field(default_factory=Counter)  # "task: what decided the evaluated turn" -> count
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     skipped_records: list = field(default_factory=list)
+    invalid: list = field(default_factory=list)  # strict mode: every DataError, raised together at the end
 
-    def skip(self, error: DataError) -> None:
-        """--skip-invalid: count the record's reason and keep its message for the report."""
+    def reject(self, error: DataError, skip_invalid: bool) -> None:
+        """An invalid record: with --skip-invalid counted and kept for the report, else kept to be raised."""
+        if not skip_invalid:
+            self.invalid.append(error)
+            return
         self.skipped[error.reason] += 1
         self.skipped_records.append({"reason": error.reason, "error": str(error)})
 
@@ -82,6 +110,7 @@ class Stats:
             self.single_clips += 1
             return
         self.dialogues += 1
+        self.eval_turns[f"{entry['task']}: {entry['eval_turn_from']}"] += 1
         self.languages[entry["language"]] += 1
         self.turns += len(entry["turns"])
         self.turns_per_dialogue[len(entry["turns"])] += 1
@@ -131,33 +160,18 @@ def audio_duration(path: Path, where: str) -> float:
     return info.frames / info.samplerate
 
 
-def dialogue_language(record: dict, dialogue_id: str, texts: list[str]) -> str:
-    """`language` field, else the id prefix (`zh_...`, `en_...`), else zh when the text has CJK characters."""
-    if isinstance(record.get("language"), str):
-        return record["language"]
-    prefix = dialogue_id.split("_", 1)[0].lower()
-    if prefix in ("zh", "en"):
-        return prefix
-    return text_language(" ".join(texts))
-
-
-def task_from_name(path: Path) -> str | None:
-    """The task a file or folder name spells (`HD-Track1-T2.jsonl`, `task1_train.jsonl`), if any."""
-    for name in (path.stem, path.parent.name):
-        match = _TASK_IN_NAME.search(name)
-        if match:
-            return TASK_BY_NUMBER[match.group(1)]
-    return None
-
-
 @dataclass(frozen=True)
 class Source:
     """Where records come from and how their paths resolve."""
     path: Path
     audio_root: Path  # relative audio paths resolve here
     out_dir: Path  # output paths are written relative to it
-    task: str | None  # --task or the task the file name spells
+    task: str | None  # --task
     blind: bool = False  # a test set without emotion labels and replies
+
+    def task_of(self, record: dict) -> object:
+        """--task, else the record's `task` field, else the task the file name spells."""
+        return self.task or record.get("task") or task_from_name(self.path)
 
 
 def output_path(audio: Path, out_dir: Path) -> str:
@@ -166,9 +180,8 @@ def output_path(audio: Path, out_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HumDial
-def convert_turn(turn: object, index: int, is_last: bool, where: str, source: Source,
-                 aliases: Counter) -> dict:
-    """One user turn -> {path, transcript, emotion, duration[, reply]} (the last turn's reply is the target)."""
+def convert_turn(turn: object, index: int, where: str, source: Source, aliases: Counter) -> dict:
+    """One user turn -> {path, transcript, emotion, duration, reply}."""
     turn_where = f"{where}, turn {index + 1}"
     if not isinstance(turn, dict):
         raise DataError("bad_field", f"{turn_where}: a turn must be an object, got {turn!r}")
@@ -181,9 +194,7 @@ def convert_turn(turn: object, index: int, is_last: bool, where: str, source: So
     }
     if converted["emotion"] or not source.blind:  # a blind set may leave labels empty, nothing else may
         converted["emotion"] = checked_emotion(converted["emotion"], turn_where, aliases)
-    reply = reply_of(turn, turn_where, source.blind)
-    if not is_last:
-        converted["reply"] = reply
+    converted["reply"] = reply_of(turn, turn_where, source.blind)
     return converted
 
 
@@ -210,7 +221,8 @@ def check_turn_order(turns: list, where: str) -> None:
 
 
 def convert_dialogue(record: object, location: str, source: Source, aliases: Counter) -> dict:
-    """One HumDial dialogue (read at `location`, "file:line") -> one annotation entry."""
+    """One HumDial dialogue (read at `location`, "file:line") -> one annotation entry: the turns up to the
+    evaluated one, whose reply is the target."""
     if not isinstance(record, dict):
         raise DataError("bad_field", f"{location}: a line must hold a JSON object, got {type(record).__name__}")
     dialogue_id = require(record, "dialogue_id", location)
@@ -221,22 +233,29 @@ def convert_dialogue(record: object, location: str, source: Source, aliases: Cou
     if not turns:
         raise DataError("empty_turns", f"{where}: 'turns' is empty")
     check_turn_order(turns, where)
-    task = source.task or record.get("task")
+    task = source.task_of(record)
     if task not in TASKS:
         raise DataError("unknown_task", f"{where}: task {task!r} unknown or not given; pass --task "
                                         f"({', '.join(TASKS)}) or name the file after it (e.g. *T1*.jsonl)")
     local_aliases: Counter = Counter()
-    converted = [convert_turn(t, i, i == len(turns) - 1, where, source, local_aliases)
-                 for i, t in enumerate(turns)]
+    converted = [convert_turn(t, i, where, source, local_aliases) for i, t in enumerate(turns)]
+    try:
+        target, decided_by = evaluated_turn(turns, task)
+    except ValueError as e:
+        raise DataError("no_eval_turn", f"{where}: no evaluated turn for task {task}: {e}") from e
     aliases.update(local_aliases)  # counted only once the whole dialogue is valid
+    history = converted[:target + 1]
     return {
         "id": dialogue_id,
         "task": task,
-        "language": dialogue_language(record, dialogue_id, [t["transcript"] for t in converted]),
-        "Q": converted[-1]["transcript"],
-        "text": reply_of(turns[-1], f"{where}, turn {len(turns)}", source.blind),
+        "language": release_language(record, source.path.parent.name),
+        "Q": history[-1]["transcript"],
+        "text": history[-1].pop("reply"),
+        "eval_turn_id": turn_id_of(turns[target], target),
+        "eval_turn_from": decided_by,
         "source": location,
-        "turns": converted,
+        "release_record": record,
+        "turns": history,
     }
 
 
@@ -295,7 +314,7 @@ def read_original_annotation(path: Path) -> list:
 
 # ---------------------------------------------------------------------------------------------- driver
 def convert_file(path: Path, source: Source, stats: Stats, skip_invalid: bool) -> list[dict]:
-    """All valid entries of one input file; invalid ones raise, or are counted and skipped."""
+    """All valid entries of one input file; invalid ones go to stats.reject."""
     if path.suffix == ".jsonl":
         items = [(where, rec, "dialogue") for where, rec in read_jsonl(path)]
     else:
@@ -309,9 +328,7 @@ def convert_file(path: Path, source: Source, stats: Stats, skip_invalid: bool) -
             entry = (convert_dialogue(record, where, source, stats.aliases) if kind == "dialogue"
                      else convert_single_clip(record, where, source))
         except DataError as e:
-            if not skip_invalid:
-                raise
-            stats.skip(e)
+            stats.reject(e, skip_invalid)
             continue
         entries.append(entry)
     return entries
@@ -323,17 +340,14 @@ def entry_key(entry: dict) -> tuple[str, str]:
 
 
 def drop_duplicates(entries: list[dict], stats: Stats, skip_invalid: bool) -> list[dict]:
-    """One entry per dialogue and task: a second one is an error (or skipped and counted)."""
+    """One entry per dialogue and task: a second one is invalid (stats.reject)."""
     seen: dict[tuple[str, str], str] = {}
     kept = []
     for entry in entries:
         key = entry_key(entry)
         if key in seen:
-            error = DataError("duplicate", f"{entry.get('source', key[0])}: dialogue {key[0]} task "
-                                           f"{key[1]} already given by {seen[key]}")
-            if not skip_invalid:
-                raise error
-            stats.skip(error)
+            stats.reject(DataError("duplicate", f"{entry.get('source', key[0])}: dialogue {key[0]} task "
+                                                f"{key[1]} already given by {seen[key]}"), skip_invalid)
             continue
         seen[key] = entry.get("source", key[0])
         kept.append(entry)
@@ -371,7 +385,8 @@ def convert(inputs: list[Path], out_dir: Path, *, audio_root: Path | None = None
             seed: int = 0, task: str | None = None, name: str = "train", skip_invalid: bool = False,
             blind: bool = False) -> Stats:
     """Converts, validates and writes `<name>.json` (+ `valid.json`) and `<name>_report.json` into out_dir.
-    Raises DataError on the first invalid record unless skip_invalid; nothing is written then."""
+    Unless skip_invalid, invalid records raise InvalidRecords (all of them, after reading every input); nothing
+    is written then."""
     if task is not None and task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if not 0.0 <= valid_ratio < 1.0:
@@ -381,9 +396,11 @@ def convert(inputs: list[Path], out_dir: Path, *, audio_root: Path | None = None
     for path in inputs:
         if not path.is_file():
             raise DataError("missing_input", f"input file not found: {path}")
-        source = Source(path, audio_root or path.parent, out_dir, task or task_from_name(path), blind)
+        source = Source(path, audio_root or path.parent, out_dir, task, blind)
         entries += convert_file(path, source, stats, skip_invalid)
     entries = drop_duplicates(entries, stats, skip_invalid)
+    if stats.invalid:
+        raise InvalidRecords(stats.invalid)
     if not entries:
         raise DataError("no_entries", f"no valid entries in {', '.join(map(str, inputs))}")
     for entry in entries:
@@ -414,6 +431,7 @@ def report(inputs: list[Path], stats: Stats, entries: dict[str, int], valid_rati
         "labels": dict(stats.labels),
         "turns_per_dialogue": {str(k): v for k, v in sorted(stats.turns_per_dialogue.items())},
         "label_aliases": dict(stats.aliases),
+        "eval_turns": dict(sorted(stats.eval_turns.items())),
         "skipped": dict(stats.skipped),
         "skipped_records": stats.skipped_records,
     }
@@ -443,10 +461,14 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed, task=args.task, name=args.name, skip_invalid=args.skip_invalid,
                         blind=args.blind)
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 1
     for mapping, count in sorted(stats.aliases.items()):
         print(f"label alias: {mapping} ({count}x)")
+    for rule, count in sorted(stats.eval_turns.items()):
+        if rule.startswith("empathy"):
+            print(f"evaluated turn ({rule}): {count} dialogue(s)")
     for reason, count in sorted(stats.skipped.items()):
         print(f"skipped {count} record(s): {reason}")
     print(stats.summary())

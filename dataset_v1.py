@@ -242,7 +242,10 @@ class SalmonnDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = self.annotation[index]
         rng = self.prompt_rng(index)
-        item = self.dialogue_item(entry, rng) if is_dialogue(entry) else self.single_clip_item(entry, rng)
+        try:
+            item = self.dialogue_item(entry, rng) if is_dialogue(entry) else self.single_clip_item(entry, rng)
+        except AudioError as e:  # name the sample too: the file alone does not say where it is used
+            raise AudioError(f"{entry.get('id', entry.get('path'))} ({entry['task']}): {e}") from e
         if self.silence_audio:
             item["clips"] = [np.zeros_like(clip) for clip in item["clips"]]
         item["spectrogram"] = log_mel(item["clips"], self.feature_extractor)

@@ -18,11 +18,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 from transformers import TextIteratorStreamer
 
 from config import ConfigError, config_to_dict, load_config
-from dataset_v1 import load_feature_extractor, make_batch
+from dataset_v1 import AudioError, audio_paths, audio_seconds, collate, load_feature_extractor, make_batch
 from labels import text_language
 from metrics import aligned_emotions, group_records, score_records
 from models.salmonn import SALMONN
@@ -39,6 +40,8 @@ GENERATION_FLAGS: dict[str, type] = {
     "repetition_penalty": float, "length_penalty": float, "min_length": int,
 }
 SAMPLING_ONLY = ("temperature", "top_p")
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"  # written as a decode goes; predictions.jsonl when it is done
+DECODE_STATE = "decode.json"  # what the decode in a folder is: annotation, checkpoint, generation settings
 
 
 # ---------------------------------------------------------------------------------------------- config and model
@@ -100,9 +103,9 @@ def load_model(cfg: DictConfig, device: torch.device, lora_scaling: float | None
 
 def untrained_warning(cfg: DictConfig) -> str:
     """What decoding without `model.ckpt` means: the Q-Former, projection and LoRA keep their random init."""
-    what = "the untrained demo model (random init)" if cfg.model.random_init else "an untrained SALMONN"
-    return (f"model.ckpt is empty: answering with {what}; the Q-Former, projection and LoRA are random, so answers "
-            "do not reflect the audio. Set model.ckpt to salmonn_v1.pth / salmonn_7b_v0.pth or a checkpoint of ours.")
+    return ("model.ckpt is empty: answering with an untrained SALMONN (the Q-Former, projection and LoRA are "
+            "random, so answers do not reflect the audio). Set model.ckpt to salmonn_v1.pth / salmonn_7b_v0.pth or "
+            "a checkpoint of ours.")
 
 
 def provenance(cfg: DictConfig) -> dict[str, Any]:
@@ -218,6 +221,85 @@ def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings:
             predictions = model.generate(batch, settings)
         for i, prediction in enumerate(predictions):
             yield prediction_record(batch, i, prediction)
+
+
+def sample_keys(dataset: Any) -> list[tuple[str, str]]:
+    """(id, task) of every sample of a SalmonnDataset (or a Subset of one), in order, read without loading audio."""
+    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
+        (dataset, range(len(dataset)))
+    entries = [base.annotation[i] for i in indices]
+    return [(entry.get("id", entry.get("path")), entry["task"]) for entry in entries]
+
+
+def check_audio_readable(dataset: Any) -> None:
+    """Every clip of the dataset's samples opens as audio (headers only), checked before a model is loaded: a bad
+    file fails in seconds, naming the file and its dialogue, not after an hour of decoding."""
+    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
+        (dataset, range(len(dataset)))
+    problems = []
+    for i in indices:
+        entry = base.annotation[i]
+        for path in audio_paths(entry):
+            try:
+                audio_seconds(path)
+            except AudioError as e:
+                problems.append(f"{entry.get('id', entry.get('path'))} ({entry['task']}): {e}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise AudioError(f"{len(problems)} unreadable clip(s): " + "; ".join(problems[:10]) + more)
+
+
+def resume_decode(out_dir: Path, dataset: Any, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records already decoded into out_dir (none for a new folder), checked before any model is loaded.
+
+    A decode writes predictions.partial.jsonl one line per sample as it goes (decode_remaining), so one that was
+    killed continues after its last complete line when run again with the same `identity` (annotation, checkpoint,
+    model and generation settings). A folder holding another decode is refused: never mixed, never overwritten."""
+    partial, state = out_dir / PARTIAL_PREDICTIONS, out_dir / DECODE_STATE
+    identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+    if state.exists() and json.loads(state.read_text(encoding="utf-8")) != identity:
+        raise FileExistsError(f"{out_dir} holds a decode made with another checkpoint, annotation, model or "
+                              f"generation settings (see {state}): choose another --out-dir or remove that folder")
+    if (out_dir / "predictions.jsonl").exists() and not state.exists():
+        raise FileExistsError(f"{out_dir} already holds predictions.jsonl of an earlier decode: choose another "
+                              "--out-dir or remove that folder")
+    done = read_partial_records(partial)
+    keys = sample_keys(dataset)
+    if [(r["id"], r["task"]) for r in done] != keys[:len(done)]:
+        raise FileExistsError(f"{partial} does not match the samples of this annotation: remove it to decode again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps(identity, ensure_ascii=False, indent=1), encoding="utf-8")
+    if done:
+        print(f"continuing the decode in {out_dir}: {len(done)} of {len(keys)} samples already done", flush=True)
+    return done
+
+
+def decode_remaining(out_dir: Path, model: SALMONN, dataset: Any, done: list[dict[str, Any]],
+                     generate_settings: dict[str, Any], amp_dtype: torch.dtype | None, batch_size: int,
+                     num_workers: int) -> list[dict[str, Any]]:
+    """`done` plus the records of the samples after it, each appended to predictions.partial.jsonl as it comes."""
+    remaining = Subset(dataset, range(len(done), len(sample_keys(dataset))))
+    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    records = list(done)
+    with open(out_dir / PARTIAL_PREDICTIONS, "a", encoding="utf-8") as f:
+        for record in decode(model, loader, generate_settings, amp_dtype):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            records.append(record)
+    return records
+
+
+def read_partial_records(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a partial predictions file; a last line cut by a kill is dropped (and rewritten)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for line in lines[:-1]:  # a complete line ends with a newline
+        records.append(json.loads(line))
+    if lines[-1]:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return records
 
 
 def write_predictions(records: list[dict[str, Any]], path: Path) -> None:

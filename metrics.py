@@ -28,7 +28,7 @@ import jiwer
 import sacrebleu
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-from labels import CJK_CHARACTER, CJK_RANGES, EMOTIONS, canonical_emotion, is_chinese, text_language
+from labels import CJK_RANGES, EMOTIONS, canonical_emotion, is_chinese, text_language, written_language
 
 _english_normalizer = EnglishTextNormalizer()
 _basic_normalizer = BasicTextNormalizer()
@@ -267,21 +267,6 @@ def emotion_trajectory_scores(gold: list[list[str]], answers: list[str]) -> Traj
 
 
 # ------------------------------------------------------------------------------------------------- language
-_LATIN_WORD_RE = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
-
-
-def written_language(text: str) -> str | None:
-    """'zh' when CJK ideographs outnumber Latin words, else 'en'; None for text with neither (empty, symbols).
-
-    A Chinese character is weighed against an English word, not a letter, so "收到offer很开心" stays Chinese
-    and an English answer quoting one Chinese word stays English.
-    """
-    cjk, latin = len(CJK_CHARACTER.findall(text)), len(_LATIN_WORD_RE.findall(text))
-    if cjk == latin == 0:
-        return None
-    return "zh" if cjk > latin else "en"
-
-
 def language_match(answers: list[str], languages: list[str]) -> float:
     """% of answers written in their dialogue's language ('zh' or 'en'); an empty answer matches neither."""
     if len(answers) != len(languages):

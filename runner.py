@@ -40,7 +40,7 @@ from config import ConfigError, config_to_dict
 from dataset_v1 import build_dataset, collate
 from inference import decode, write_decode_outputs
 from metrics import score_records
-from models.salmonn import SALMONN
+from models.salmonn import SALMONN, CheckpointError, read_checkpoint
 from utils import (
     DistInfo,
     all_reduce_sum,
@@ -260,7 +260,7 @@ class Runner:
         self.resume_path = resolve_resume(self.run_cfg.resume, self.output_dir)
         checkpoint = self._read_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:  # weights go in before wrapping: FSDP then shards the resumed weights
-            self.model.load_trainable_state_dict(checkpoint["model"], source=str(self.resume_path))
+            self.model.load_checkpoint_dict(checkpoint, source=str(self.resume_path))
         self.wrapped = self._wrap(self.model)
         optims = self.run_cfg.optims
         self.optimizer = torch.optim.AdamW(param_groups(self.wrapped, optims.weight_decay), lr=optims.init_lr,
@@ -657,11 +657,11 @@ class Runner:
     @staticmethod
     def _read_checkpoint(path: Path) -> dict[str, Any]:
         log.info("reading checkpoint %s", path)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         missing = [k for k in CHECKPOINT_FIELDS if k not in ckpt]
         if missing:
-            raise KeyError(f"{path} cannot resume training: it lacks {missing} (a weights-only checkpoint such as "
-                           f"salmonn_v1.pth goes in model.ckpt instead)")
+            raise CheckpointError(f"{path} cannot resume training: it lacks {missing} (a weights-only checkpoint "
+                                  "such as salmonn_v1.pth goes in model.ckpt instead)")
         return ckpt
 
     def _restore_training_state(self, ckpt: dict[str, Any]) -> None:

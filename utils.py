@@ -197,6 +197,21 @@ def broadcast_object(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# messages
+
+
+def error_message(error: BaseException) -> str:
+    """The error's own message, on one line: an error raised in a DataLoader worker comes back with the worker's
+    traceback in its message ("Caught AudioError in DataLoader worker process 0. Original Traceback ..."), whose
+    last line is the original message."""
+    message = str(error)
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+# ----------------------------------------------------------------------------------------------------------
 # provenance
 
 

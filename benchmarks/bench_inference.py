@@ -2,7 +2,7 @@
 throughput, for 10 s and 30 s of audio.
 
     python -m benchmarks.bench_inference                                   # tiny demo model, CPU
-    python -m benchmarks.bench_inference --cfg-path configs/finetune_humdial.yaml --device cuda --new-tokens 64
+    python -m benchmarks.bench_inference --cfg-path configs/config.yaml --device cuda --new-tokens 64
 
 What is timed (wall clock, the fastest of --repeats runs after one warm-up: interference from other processes
 only ever adds time, so the fastest run is the best estimate of the cost, as Python's timeit advises; the device
@@ -111,7 +111,8 @@ def noise_batch(feature_extractor, seconds: float, template: str, batch_size: in
     sf.write(path, rng.normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE)
     one = make_batch([str(path)], PROMPT, feature_extractor, template=template)
     if len(one["speech_slots"][0][0]) != 1:
-        raise ValueError("use --durations of at most 30 s: one clip per sample keeps the batch simple")
+        raise ValueError(f"use --durations of at most the encoder's window ({feature_extractor.chunk_length} s "
+                         "here): one clip per sample keeps the batch simple")
     repeat = {k: v.repeat(batch_size, *[1] * (v.dim() - 1)) for k, v in one.items() if torch.is_tensor(v)}
     lists = {k: v * batch_size for k, v in one.items() if isinstance(v, list) and k != "speech_slots"}
     return {**repeat, **lists, "speech_slots": [[[b]] for b in range(batch_size)]}
@@ -190,7 +191,8 @@ def format_table(results: list[dict[str, Any]], device: torch.device) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0], help="audio seconds (<= 30)")
+    parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0],
+                        help="audio seconds, at most the encoder's window (30 s; 5 s for the demo model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the fastest is kept), after a warm-up")

@@ -1,7 +1,7 @@
 """Training speed of one config: samples/s, tokens/s, peak memory and model FLOPs utilisation (MFU).
 
     python -m benchmarks.bench_train                                        # tiny demo model, CPU, fp32
-    python -m benchmarks.bench_train --cfg-path configs/finetune_humdial.yaml --options run.device=cuda \\
+    python -m benchmarks.bench_train --cfg-path configs/config.yaml --options run.device=cuda \\
         run.batch_size_train=2 --steps 10                                   # real model, GPU (bf16 autocast)
     python -m benchmarks.bench_train --peak-tflops 989                      # set the peak (H100 SXM, bf16 dense)
 

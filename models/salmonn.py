@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -85,6 +86,65 @@ def to_original_name(name: str) -> str:
 def from_original_name(name: str) -> str:
     """A released checkpoint's name -> our parameter name."""
     return _rename(name, to_original=False)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this model: unreadable, or not matching its config. The message
+    names the file and the keys, and what differs."""
+
+
+class CheckpointKeyError(CheckpointError, KeyError):
+    """Tensors missing from a checkpoint, or tensors that match nothing in the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as a dict, loaded safely (`weights_only=True`); a missing, empty, truncated or foreign file
+    is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: '{path}' (download salmonn_v1.pth / salmonn_7b_v0.pth "
+                                "there, or fix model.ckpt)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- unpickling fails with many exception types; re-raised naming the file
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({size} bytes; truncated, or not written by "
+                              f"torch.save?): {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors, or "
+                              "{'model': ...})")
+    return ckpt
+
+
+# Model keys that decide which tensors a checkpoint holds, and their shapes.
+_SHAPE_KEYS = ("llama_path", "whisper_path", "beats_path", "lora", "lora_rank", "lora_target_modules",
+               "num_speech_query_token", "window_level_Qformer", "qformer_hidden_size", "qformer_num_layers",
+               "qformer_num_heads", "qformer_intermediate_size", "freeze_whisper", "freeze_beats",
+               "freeze_speech_QFormer", "freeze_speech_llama_proj")
+
+
+def _config_differences(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+    """What the checkpoint's stored model config (when it has one) says differently from this model's."""
+    stored = ckpt.get("config", {})
+    stored = stored.get("model", stored) if isinstance(stored, Mapping) else {}
+    if not stored:
+        return (" (the checkpoint stores no config: was it trained with another lora_rank, lora_target_modules, "
+                "Q-Former size, BEATs or LLM size?)")
+    differ = [f"model.{k}={stored[k]!r} (this config: {cfg.get(k)!r})" for k in _SHAPE_KEYS
+              if k in stored and _plain(stored[k]) != _plain(cfg.get(k))]
+    if not differ:
+        return " (its stored config agrees on every key that sets shapes)"
+    return "; the checkpoint was trained with " + ", ".join(differ)
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples (and OmegaConf lists) compare as lists."""
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
 
 
 def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
@@ -222,7 +282,10 @@ class SALMONN(nn.Module):
             lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=cfg["lora_rank"],
                                   lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                                   target_modules=list(cfg["lora_target_modules"]))
-            llama = get_peft_model(llama, lora_cfg)
+            with warnings.catch_warnings():  # peft (<= 0.21) reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                llama = get_peft_model(llama, lora_cfg)
         return llama
 
     def _load_projection(self, path: str) -> None:
@@ -281,12 +344,12 @@ class SALMONN(nn.Module):
             else:
                 unexpected.append(key)
         if unexpected:
-            raise KeyError(f"{source}: {len(unexpected)} keys match no tensor of this model (wrong architecture or "
-                           f"config?), e.g. {unexpected[:5]}")
+            raise CheckpointKeyError(f"{source}: {len(unexpected)} keys match no tensor of this model, e.g. "
+                                     f"{unexpected[:5]}")
         missing = [to_original_name(n) for n, p in params.items() if p.requires_grad
                    and to_original_name(n) not in state]
         if missing:
-            raise KeyError(f"{source}: {len(missing)} trained tensors are missing, e.g. {missing[:5]}")
+            raise CheckpointKeyError(f"{source}: {len(missing)} trained tensors are missing, e.g. {missing[:5]}")
         if ignored:
             log.info("%s: ignored %d leftover tensors that are recomputed or shared (%s, ...)",
                      source, len(ignored), ignored[0])
@@ -294,26 +357,28 @@ class SALMONN(nn.Module):
     @staticmethod
     def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str, source: str) -> None:
         if tuple(param.shape) != tuple(value.shape):
-            raise ValueError(f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
-                             f"{tuple(param.shape)} in the model (a 13B checkpoint with a 7B LLaMA, or the "
-                             "wrong Q-Former/BEATs config?)")
+            raise CheckpointError(f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                                  f"{tuple(param.shape)} in the model")
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Loads a checkpoint written by the original code or by ours: `{"model": state_dict, ...}`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: '{path}' (download salmonn_v1.pth / "
-                                    "salmonn_7b_v0.pth there, or fix model.ckpt)")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- re-raised with the file name and the reason
-            raise RuntimeError(f"cannot load '{path}' safely (weights_only=True): {e}") from e
-        state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-        self.load_trainable_state_dict(state, source=str(path))
-        log.info("loaded %d tensors from %s", len(state), path)
+        ckpt = read_checkpoint(path)
+        self.load_checkpoint_dict(ckpt, source=str(path))
         return ckpt
+
+    def load_checkpoint_dict(self, ckpt: Mapping[str, Any], source: str) -> None:
+        """The trained tensors of a loaded checkpoint (strict); a mismatch names the keys and, from the config the
+        checkpoint stores, the model settings that differ."""
+        state = ckpt["model"] if "model" in ckpt else ckpt
+        if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+            raise CheckpointError(f"{source}: its 'model' entry is not a mapping of tensor names to tensors")
+        try:
+            self.load_trainable_state_dict(state, source=source)
+        except CheckpointError as e:
+            raise type(e)(f"{e}{_config_differences(ckpt, self.cfg)}") from None
+        log.info("loaded %d tensors from %s", len(state), source)
 
     def set_lora_scaling(self, scale: float) -> None:
         """Inference-time LoRA scaling (alpha / r by default); the SALMONN authors lower it to bring back abilities

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from labels import EMOTIONS, LABEL_WORDS, canonical_emotion, trajectory_summary
-from metrics import emotion_trajectory_scores, extract_emotions
+from metrics import emotion_trajectory_scores, extract_emotions, language_match, scored_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,9 @@ def run_together(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[
 
 
 def dialogues(ann_path: Path) -> list[dict]:
-    return [e for e in json.loads(ann_path.read_text(encoding="utf-8"))["annotation"] if "turns" in e]
+    """The emotional-trajectory dialogues of an annotation file."""
+    return [e for e in json.loads(ann_path.read_text(encoding="utf-8"))["annotation"]
+            if "turns" in e and e["task"] == "emotional_trajectory"]
 
 
 def turn_samples(dialogs: list[dict]) -> list[dict]:
@@ -81,7 +83,7 @@ def turn_samples(dialogs: list[dict]) -> list[dict]:
             for e in dialogs for k, t in enumerate(e["turns"], start=1)]
 
 
-def sub_dialogues(dialogs: list[dict]) -> list[dict]:
+def sub_dialogues(dialogs: list[dict], plain_answers: bool = False) -> list[dict]:
     """Every run of 2 or more consecutive turns that is not the whole dialogue, as a dialogue of its own with its
     trajectory answer. The question stays the dialogue's (it asks about the turns shown)."""
     subs = []
@@ -91,7 +93,8 @@ def sub_dialogues(dialogs: list[dict]) -> list[dict]:
             for first in range(n - length + 1):
                 turns = e["turns"][first:first + length]
                 subs.append({**e, "id": f"{e['id']}_turns{first + 1}-{first + length}", "turns": turns,
-                             "text": trajectory_summary([t["emotion"] for t in turns], e["language"])})
+                             "text": trajectory_summary([t["emotion"] for t in turns], e["language"], None
+                                                        if plain_answers else random.Random(f"{e['id']}:{first}:{length}"))})
     return subs
 
 
@@ -100,7 +103,7 @@ def speaker_of(dialogue_id: str) -> str:
     return "_".join(dialogue_id.split("_")[:2])
 
 
-def recombined_dialogues(dialogs: list[dict], count: int, seed: int = 0) -> list[dict]:
+def recombined_dialogues(dialogs: list[dict], count: int, seed: int = 0, plain_answers: bool = False) -> list[dict]:
     """`count` new dialogues, each from one speaker's turns: 2-4 of the speaker's statements (from any of their
     dialogues, in random order), then the closing question of one of them, with the trajectory answer. The label
     sequences are new, so they cannot be memorised: only hearing each turn, and knowing which turn is which,
@@ -113,9 +116,10 @@ def recombined_dialogues(dialogs: list[dict], count: int, seed: int = 0) -> list
     for i in range(count):
         base = rng.choice(dialogs)
         statements = [t for e in by_speaker[speaker_of(base["id"])] for t in e["turns"][:-1]]
-        turns = rng.sample(statements, rng.choice([2, 3, 4])) + [base["turns"][-1]]
+        turns = rng.sample(statements, min(len(statements), rng.choice([2, 3, 4]))) + [base["turns"][-1]]
         made.append({**base, "id": f"{base['id']}_recombined{i + 1}", "turns": turns,
-                     "text": trajectory_summary([t["emotion"] for t in turns], base["language"])})
+                     "text": trajectory_summary([t["emotion"] for t in turns], base["language"],
+                                                None if plain_answers else rng)})
     return made
 
 
@@ -133,11 +137,20 @@ def check_held_out(train: list[dict], test: list[dict]) -> None:
 
 
 def chance_levels(train: list[dict], test: list[dict]) -> dict[str, float]:
-    """Per-turn accuracy of guessing: uniformly, and always answering the training set's most common label."""
-    prior = Counter(canonical_emotion(t["emotion"]) for e in train for t in e["turns"])
-    majority = prior.most_common(1)[0][0]
-    gold = [canonical_emotion(t["emotion"]) for e in test for t in e["turns"]]
-    return {"uniform": 100.0 / len(EMOTIONS), "majority": 100.0 * sum(g == majority for g in gold) / len(gold)}
+    """Accuracy of guessing: uniformly, and always answering the training set's most common label, over the
+    trajectory's scored turns (`majority`) and over every single turn (`turn_majority`: the closing questions
+    are neutral, so neutral is common there)."""
+    def majority_accuracy(turns_of) -> float:
+        prior = Counter(label for e in train for label in turns_of(e))
+        majority = prior.most_common(1)[0][0]
+        gold = [label for e in test for label in turns_of(e)]
+        return 100.0 * sum(g == majority for g in gold) / len(gold)
+
+    def every_turn(e: dict) -> list[str]:
+        return [canonical_emotion(t["emotion"]) for t in e["turns"]]
+
+    return {"uniform": 100.0 / len(EMOTIONS), "majority": majority_accuracy(lambda e: scored_turns(every_turn(e))),
+            "turn_majority": majority_accuracy(every_turn)}
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -154,8 +167,10 @@ def score(predictions: Path, test: list[dict]) -> dict[str, float]:
         raise ValueError(f"{predictions}: predictions do not cover the held-out set exactly (missing {missing[:3]}, "
                          f"{len(by_id)} predictions for {len(test)} dialogues)")
     gold = [[t["emotion"] for t in e["turns"]] for e in test]
-    scores = emotion_trajectory_scores(gold, [by_id[e["id"]]["prediction"] for e in test])
-    return {"turn_accuracy": scores.turn_accuracy, "exact_match": scores.exact_match}
+    answers = [by_id[e["id"]]["prediction"] for e in test]
+    scores = emotion_trajectory_scores(gold, answers)
+    return {"turn_accuracy": scores.turn_accuracy, "exact_match": scores.exact_match,
+            "language_match": language_match(answers, [e["language"] for e in test])}
 
 
 def turn_recognition_accuracy(predictions: Path) -> float:
@@ -167,12 +182,12 @@ def turn_recognition_accuracy(predictions: Path) -> float:
 
 def table(rows: dict[str, dict[str, float]], chance: dict[str, float], n_test: int) -> str:
     lines = ["| run | trajectory: per-turn accuracy | trajectory: exact sequence | single-turn recognition "
-             "| training time |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| language match | training time |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['turn_accuracy']:.1f} % | {r['exact_match']:.1f} % "
-                     f"| {r['turn_recognition']:.1f} % | {r['train_s'] / 60:.1f} min |")
+                     f"| {r['turn_recognition']:.1f} % | {r['language_match']:.1f} % | {r['train_s'] / 60:.1f} min |")
     lines.append(f"| chance: uniform / majority label | {chance['uniform']:.1f} % / {chance['majority']:.1f} % "
-                 f"| ~0 % | {chance['uniform']:.1f} % / {chance['majority']:.1f} % | - |")
+                 f"| ~0 % | {chance['uniform']:.1f} % / {chance['turn_majority']:.1f} % | - | - |")
     return "\n".join(lines) + f"\n\n({n_test} held-out dialogues)"
 
 
@@ -182,17 +197,20 @@ def main() -> None:
     ap.add_argument("--num-dialogues", type=int, default=1200)
     ap.add_argument("--recombined", type=int, default=3000, help="recombined training dialogues to add")
     ap.add_argument("--options", nargs="*", default=[], help="extra config overrides for both runs")
+    ap.add_argument("--plain-answers", action="store_true",
+                    help="every trajectory answer in one plain form instead of varied wording (an ablation)")
     args = ap.parse_args()
     started = time.time()
     out = ROOT / args.out
     corpus = out / "corpus"
     if not (corpus / "ann" / "test.json").is_file():
         run([sys.executable, "-m", "scripts.make_demo_corpus", "--num-dialogues", str(args.num_dialogues),
-             "--out", str(corpus), "--plain-audio"])
+             "--tasks", "1", "--out", str(corpus), "--plain-audio", *(["--plain-answers"] if args.plain_answers else [])])
     ann = corpus / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")
     check_held_out(train + dialogues(ann / "valid.json"), test)
-    mixed = train + sub_dialogues(train) + recombined_dialogues(train, args.recombined) + turn_samples(train)
+    mixed = (train + sub_dialogues(train, args.plain_answers)
+             + recombined_dialogues(train, args.recombined, plain_answers=args.plain_answers) + turn_samples(train))
     train_ann = write_annotation(ann / "train_mixed.json", mixed)
     test_turns = write_annotation(ann / "test_turns.json", turn_samples(test))
 
@@ -204,7 +222,7 @@ def main() -> None:
                             for name in RUNS}, {name: run_dirs[name] / "train.log" for name in RUNS})
     evaluations, logs = {}, {}
     for name in RUNS:
-        ckpt = sorted(run_dirs[name].glob("checkpoint_step*.pth"), key=lambda p: int(p.stem.split("step")[1]))[-1]
+        ckpt = latest_checkpoint(run_dirs[name])
         for kind, ann_path in (("eval", ann / "test.json"), ("eval_turns", test_turns)):
             evaluations[(name, kind)] = [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(ann_path),
                                          "--out-dir", str(run_dirs[name] / kind), "--options", *options[name],
@@ -218,7 +236,53 @@ def main() -> None:
     report = table(rows, chance_levels(train, test), len(test))
     report += f" The whole experiment took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores."
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps({"runs": rows, "chance": chance_levels(train, test),
+                                                 "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
+    plot(rows, chance_levels(train, test), out / "report.png")
+    export_weights(latest_checkpoint(run_dirs["audio"]), out / "salmonn_tiny.pth")
     print(report)
+    print(f"wrote {out / 'report.md'}, report.json, report.png and salmonn_tiny.pth (the audio run's weights: "
+          "assets/tiny/salmonn_tiny.pth, which configs/demo.yaml fine-tunes from, is this file)")
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The run's last step checkpoint: the weights that are evaluated (and exported)."""
+    return sorted(run_dir.glob("checkpoint_step*.pth"), key=lambda p: int(p.stem.split("step")[1]))[-1]
+
+
+def export_weights(checkpoint: Path, path: Path) -> None:
+    """The trained tensors of a training checkpoint under the released key names, with the config they were trained
+    with: what salmonn_v1.pth is to SALMONN-13B, this is to the tiny model (no optimizer state, ~2 MB)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    torch.save({"model": state["model"], "config": state["config"], "step": state["step"]}, path)
+
+
+def plot(rows: dict[str, dict[str, float]], chance: dict[str, float], path: Path) -> None:
+    """The table as grouped bars (audio vs silenced per score), chance as a dashed line: the README's picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = {"turn_accuracy": "trajectory,\nper turn", "exact_match": "trajectory,\nexact sequence",
+              "turn_recognition": "single turn"}
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=120)
+    width = 0.8 / len(rows)
+    for i, (name, row) in enumerate(rows.items()):
+        xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(scores))]
+        bars = ax.bar(xs, [row[key] for key in scores], width, label=name)
+        ax.bar_label(bars, fmt="%.0f%%", fontsize=8)
+    ax.axhline(chance["uniform"], color="grey", linestyle="--", linewidth=1, label="chance (uniform)")
+    ax.set_xticks(range(len(scores)), list(scores.values()))
+    ax.set_ylabel("accuracy on held-out dialogues (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

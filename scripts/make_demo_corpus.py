@@ -4,8 +4,8 @@ espeak-ng, each turn's prosody (pitch, pitch range, rate, volume) following its 
     python -m scripts.make_demo_corpus                                # the committed corpus (data/demo)
     python -m scripts.make_demo_corpus --num-dialogues 2000 --out /tmp/demo_big   # a larger one at run time
 
-It writes OUT/HD-Track1-T1-{train,test}.jsonl, OUT/audio/ (replaced in full) and, through convert.py,
-OUT/ann/{train,valid,test}.json ready for the dataset.
+It writes OUT/HD-Track1-T<n>-{train,test}.jsonl for each task, OUT/audio/ (replaced in full) and, through
+convert.py, OUT/ann/{train,valid,test}.json ready for the dataset.
 
 Needs `espeak-ng` on the PATH (apt-get install espeak-ng). Reproducible: the same arguments give the same
 dialogues, labels and audio parameters (the bytes depend only on the espeak-ng build).
@@ -13,8 +13,15 @@ dialogues, labels and audio parameters (the bytes depend only on the espeak-ng b
 Design, so that the corpus can test whether a model hears emotion:
 - The user's sentences contain no emotion words and labels are drawn independently of the sentence, so the
   audio is the only emotion cue (the text says nothing about the label).
-- The last turn asks how the user's emotions changed; the target names every turn's emotion in order
-  ("You started neutral, then became sad, ..."), which metrics.emotion_trajectory_scores can read.
+- Task 1 (emotional trajectory): the last turn asks how the user's emotions changed and is neutral, as in the
+  release; the target names every statement's emotion in order, in varied natural language as real answers do
+  (synonyms, sometimes two words for one turn, "from X to Y", the closing neutral turn called calm or left
+  unnamed: labels.trajectory_summary), which metrics.emotion_trajectory_scores reads.
+- Task 2 (emotional reasoning): the last turn asks why; the target ties each emotion to what the user said.
+  Task 3 (empathy): statements only; the reply at the turn where the challenge evaluates it (the second one that
+  is not neutral: submission.evaluated_turn) is an empathetic one. `--tasks 1` writes Task 1 alone (the listening experiment).
+- Transcripts carry the release's paralinguistic tags now and then ([laughter], [sigh] / [笑声], [叹息声]); the
+  audio speaks the sentence without them.
 - Held-out (test) dialogues use sentences of which some never appear in training dialogues.
 - Audio is deliberately not 16 kHz and mixes wav/flac/ogg, mono and stereo, to exercise the loader
   (`--plain-audio`: 16 kHz mono WAV throughout, for a corpus read many times; same dialogues).
@@ -39,7 +46,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from labels import EMOTIONS, trajectory_summary
+from labels import ANSWER_WORDS, EMOTIONS, trajectory_summary
+from models import SAMPLE_RATE
+from submission import EMPATHY_TURN_RANK, evaluated_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +71,7 @@ SPEAKERS_PER_LANGUAGE = 6
 # compressed ogg so that the committed corpus stays at a few MB.
 AUDIO_FORMATS = [("ogg", 22050, 1)] * 6 + [("ogg", 24000, 2)] * 2 + [("flac", 11025, 1), ("wav", 8000, 1)]
 # --plain-audio: what the loader reads fastest, for corpora that are read many times (scripts/learning_experiment.py)
-PLAIN_AUDIO_FORMAT = ("wav", 16000, 1)
+PLAIN_AUDIO_FORMAT = ("wav", SAMPLE_RATE, 1)
 OGG_COMPRESSION = 0.8  # libsndfile's vorbis compression level (0 best quality, 1 smallest)
 TRIM_TOP_DB = 40  # espeak's leading/trailing silence is trimmed to this level below the peak ...
 TRIM_MARGIN_S = 0.1  # ... keeping this much of it
@@ -163,6 +172,29 @@ QUESTIONS = {
            "你能总结一下我刚才情绪的变化吗？",
            "从开始到现在，我的情绪有什么变化？"],
 }
+WHY_QUESTIONS = {
+    "en": ["Why do you think my mood changed while we talked?", "What made my feelings shift during our chat?"],
+    "zh": ["你觉得我刚才的情绪为什么会变化？", "是什么让我的心情一直在变？"],
+}
+EMPATHY = {  # the reply to the evaluated turn of a Task 3 dialogue, per label; {} is a word for the emotion
+    "en": {"happy": "That is wonderful news! No wonder you feel {}. Enjoy it, you deserve it.",
+           "sad": "I am so sorry. It makes sense to feel {} after that; I am here if you want to talk.",
+           "anger": "That sounds really unfair. Feeling {} is understandable; do you want to think about what to do?",
+           "fear": "That sounds frightening. It is natural to be {}; let us take it one step at a time.",
+           "surprise": "Wow, I did not see that coming either! Being {} makes total sense.",
+           "disgust": "Ugh, that sounds awful. Anyone would feel {}; I hope you can put it behind you soon."},
+    "zh": {"happy": "太好了！难怪你这么{}，好好享受这份喜悦吧。",
+           "sad": "真的很抱歉听到这些，感到{}是很正常的，想聊聊的话我一直都在。",
+           "anger": "这确实太不公平了，你{}完全可以理解，要不要一起想想怎么办？",
+           "fear": "听起来真让人不安，{}是很自然的，我们一步一步来。",
+           "surprise": "哇，这也太出乎意料了！你会{}一点都不奇怪。",
+           "disgust": "这也太让人难受了，换谁都会{}，希望你能尽快把它抛在脑后。"},
+}
+TAGS = {"en": {"happy": "[laughter]", "sad": "[sigh]", "other": "[clears throat]"},
+        "zh": {"happy": "[笑声]", "sad": "[叹息声]", "other": "[清嗓声]"}}
+TAG_RATE = 0.3  # share of statements whose transcript carries a tag
+TASK_TURNS = {1: "question", 2: "why", 3: "statements"}  # what ends a dialogue of each task
+TASK_SHARE = {1: 1.0, 2: 0.25, 3: 0.25}  # dialogues per task, as a share of --num-dialogues
 REPLIES = {
     "en": ["I see. What happened after that?", "Thanks for telling me. Please go on.",
            "Okay, I am listening. Tell me more.", "What did you do next?", "Got it. How did it turn out?"],
@@ -180,10 +212,11 @@ class Speaker:
 
 @dataclass(frozen=True)
 class Turn:
-    text: str
+    text: str  # what is spoken
     emotion: str
     reply: str
     audio_format: tuple[str, int, int]
+    tag: str = ""  # a paralinguistic tag the transcript carries besides the text
 
 
 class LabelCycle:
@@ -206,16 +239,69 @@ def make_speakers(rng: random.Random) -> dict[str, list[Speaker]]:
             for lang, voices in VOICES.items()}
 
 
-def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_out: bool) -> list[Turn]:
-    """3-5 user turns: statements, then the question about the emotions; labels independent of the text."""
+def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_out: bool, task: int) -> list[Turn]:
+    """3-5 user turns; labels independent of the text. Tasks 1 and 2 end with a neutral question (how did my
+    emotions change / why), Task 3 has statements only, enough of them not neutral for its evaluated turn."""
     num_turns = rng.choice([3, 4, 5])
+    num_statements = num_turns if TASK_TURNS[task] == "statements" else num_turns - 1
     pool = SENTENCES[language] + (HELD_OUT_SENTENCES[language] if held_out else [])
-    statements = rng.sample(pool, num_turns - 1)
+    statements = rng.sample(pool, num_statements)
     if held_out and not any(s in HELD_OUT_SENTENCES[language] for s in statements):
         statements[rng.randrange(len(statements))] = rng.choice(HELD_OUT_SENTENCES[language])
-    texts = statements + [rng.choice(QUESTIONS[language])]
-    replies = rng.sample(REPLIES[language], num_turns)  # the last one is replaced by the target
-    return [Turn(text, labels.next(), reply, rng.choice(AUDIO_FORMATS)) for text, reply in zip(texts, replies)]
+    emotions = [labels.next() for _ in statements]
+    while TASK_TURNS[task] == "statements" and sum(e != "neutral" for e in emotions) < EMPATHY_TURN_RANK:
+        emotions[emotions.index("neutral")] = labels.next()  # Task 3 needs the turn it is evaluated at
+    replies = rng.sample(REPLIES[language], num_turns)  # the evaluated turn's is replaced by the target
+    turns = [Turn(text, emotion, reply, rng.choice(AUDIO_FORMATS), statement_tag(emotion, language, rng))
+             for text, emotion, reply in zip(statements, emotions, replies)]
+    if TASK_TURNS[task] != "statements":
+        questions = QUESTIONS if TASK_TURNS[task] == "question" else WHY_QUESTIONS
+        turns.append(Turn(rng.choice(questions[language]), "neutral", replies[-1], rng.choice(AUDIO_FORMATS)))
+    return turns
+
+
+def statement_tag(emotion: str, language: str, rng: random.Random) -> str:
+    """Now and then the paralinguistic tag a real transcript would carry for the turn ([laughter], [叹息声])."""
+    if rng.random() >= TAG_RATE:
+        return ""
+    tags = TAGS[language]
+    return tags.get(emotion, tags["other"])
+
+
+def target(task: int, turns: list[Turn], language: str, rng: random.Random, plain_answers: bool = False
+           ) -> tuple[int, str]:
+    """(index of the evaluated turn, the reply written there): the trajectory (Task 1), the reasons (Task 2), or
+    an empathetic reply at the turn where the challenge evaluates Task 3 (submission.evaluated_turn)."""
+    emotions = [t.emotion for t in turns]
+    if task == 1:
+        return len(turns) - 1, trajectory_summary(emotions, language, None if plain_answers else rng)
+    if task == 2:
+        return len(turns) - 1, reasons(turns[:-1], language, rng)
+    index, _ = evaluated_turn([{"emotion": e} for e in emotions], "empathy")
+    word = rng.choice(ANSWER_WORDS[language][emotions[index]])
+    return index, EMPATHY[language][emotions[index]].format(word)
+
+
+def reasons(statements: list[Turn], language: str, rng: random.Random) -> str:
+    """Task 2's answer: each statement's emotion tied to what the user said ("When your ..., you felt ...")."""
+    words = ANSWER_WORDS[language]
+    if language == "zh":
+        parts = [f"{'先是' if i == 0 else '后来'}因为{second_person(t.text, language)}，你感到{rng.choice(words[t.emotion])}"
+                 for i, t in enumerate(statements)]
+        return "，".join(parts) + "。"
+    parts = [f"{'First' if i == 0 else 'then'}, when {second_person(t.text, language)}, you felt "
+             f"{rng.choice(words[t.emotion])}" for i, t in enumerate(statements)]
+    return "; ".join(parts) + "."
+
+
+def second_person(sentence: str, language: str) -> str:
+    """The user's sentence said back to them: I/my/me -> you/your (我 -> 你), final punctuation dropped."""
+    sentence = sentence.rstrip("。.!！?？")
+    if language == "zh":
+        return sentence.replace("我", "你")
+    swaps = {"I": "you", "my": "your", "My": "your", "me": "you", "I'm": "you're"}
+    words = [swaps.get(w, w) for w in sentence.split()]
+    return " ".join([words[0][0].lower() + words[0][1:] if words[0] not in ("you", "your") else words[0], *words[1:]])
 
 
 @dataclass(frozen=True)
@@ -272,44 +358,54 @@ def synthesize(path: Path, text: str, voice: Voice, audio_format: tuple[str, int
 
 
 def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, workers: int,
-          plain_audio: bool = False) -> None:
+          plain_audio: bool = False, tasks: tuple[int, ...] = (1, 2, 3), plain_answers: bool = False) -> None:
     """Plans every dialogue in order with one rng, then synthesizes the turns on `workers` threads (espeak-ng
-    runs as a subprocess, so threads overlap): the same arguments give the same corpus for any `workers`."""
+    runs as a subprocess, so threads overlap): the same arguments give the same corpus for any `workers`.
+    `num_dialogues` Task 1 dialogues, and TASK_SHARE of that many for each other task in `tasks`.
+    `plain_answers`: Task 1 answers in the one plain form (labels.trajectory_summary without rng)."""
     rng = random.Random(seed)
     shutil.rmtree(out / "audio", ignore_errors=True)  # regenerated in full: no stale files of older runs
     speakers = make_speakers(rng)
-    num_test = max(1, round(num_dialogues * test_fraction))
-    labels = {"train": LabelCycle(random.Random(seed + 1)), "test": LabelCycle(random.Random(seed + 2))}
-    lines: dict[str, list[str]] = {"train": [], "test": []}
+    lines: dict[tuple[int, str], list[str]] = {}
+    index = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = []
-        for index in range(num_dialogues):
-            split = "test" if index >= num_dialogues - num_test else "train"
-            language = ("en", "zh")[index % 2]
-            speaker_index = rng.randrange(SPEAKERS_PER_LANGUAGE)
-            speaker = speakers[language][speaker_index]
-            dialogue_id = f"{language}_{speaker_index + 1:04d}_{index + 1:04d}"
-            turns = plan_dialogue(rng, labels[split], language, held_out=split == "test")
-            record_turns = []
-            for n, turn in enumerate(turns, start=1):
-                audio_format = PLAIN_AUDIO_FORMAT if plain_audio else turn.audio_format
-                relative = f"audio/task1_{len(turns)}/{dialogue_id}_{n}.{audio_format[0]}"
-                voice = turn_voice(speaker, turn.emotion, language, rng)
-                jobs.append(pool.submit(synthesize, out / relative, turn.text, voice, audio_format))
-                record_turns.append({"turn_id": n, "text": turn.text, "emotion": turn.emotion,
-                                     "split_audio_file": relative, "response_text": turn.reply})
-            record_turns[-1]["response_text"] = trajectory_summary([t.emotion for t in turns], language)
-            lines[split].append(json.dumps({"dialogue_id": dialogue_id, "turns": record_turns}, ensure_ascii=False))
+        for task in tasks:
+            count = max(2, round(num_dialogues * TASK_SHARE[task]))  # at least one training and one test dialogue
+            num_test = min(count - 1, max(1, round(count * test_fraction)))
+            labels = {"train": LabelCycle(random.Random(seed + 10 * task + 1)),
+                      "test": LabelCycle(random.Random(seed + 10 * task + 2))}
+            for k in range(count):
+                split = "test" if k >= count - num_test else "train"
+                language = ("en", "zh")[index % 2]
+                speaker_index = rng.randrange(SPEAKERS_PER_LANGUAGE)
+                speaker = speakers[language][speaker_index]
+                dialogue_id = f"{language}_{speaker_index + 1:04d}_{index + 1:04d}"
+                index += 1
+                turns = plan_dialogue(rng, labels[split], language, held_out=split == "test", task=task)
+                evaluated, reply = target(task, turns, language, rng, plain_answers)
+                record_turns = []
+                for n, turn in enumerate(turns, start=1):
+                    audio_format = PLAIN_AUDIO_FORMAT if plain_audio else turn.audio_format
+                    relative = f"audio/task{task}_{len(turns)}/{dialogue_id}_{n}.{audio_format[0]}"
+                    voice = turn_voice(speaker, turn.emotion, language, rng)
+                    jobs.append(pool.submit(synthesize, out / relative, turn.text, voice, audio_format))
+                    text = f"{turn.tag} {turn.text}" if turn.tag and language == "en" else f"{turn.tag}{turn.text}"
+                    record_turns.append({"turn_id": n, "text": text, "emotion": turn.emotion,
+                                         "split_audio_file": relative,
+                                         "response_text": reply if n - 1 == evaluated else turn.reply})
+                lines.setdefault((task, split), []).append(
+                    json.dumps({"dialogue_id": dialogue_id, "turns": record_turns}, ensure_ascii=False))
         for job in jobs:
             job.result()  # re-raises the first failed synthesis
-    for split, split_lines in lines.items():
-        (out / f"HD-Track1-T1-{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
+    for (task, split), split_lines in lines.items():
+        (out / f"HD-Track1-T{task}-{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
     out = Path(os.path.relpath(out))  # the annotations' "source" fields and reports stay free of local paths
     convert = [sys.executable, str(ROOT / "convert.py")]
-    subprocess.run([*convert, str(out / "HD-Track1-T1-train.jsonl"), "-o", str(out / "ann"), "--valid-ratio", "0.15",
-                    "--seed", str(seed)], check=True)
-    subprocess.run([*convert, str(out / "HD-Track1-T1-test.jsonl"), "-o", str(out / "ann"), "--name", "test"],
-                   check=True)
+    subprocess.run([*convert, *(str(out / f"HD-Track1-T{t}-train.jsonl") for t in tasks), "-o", str(out / "ann"),
+                    "--valid-ratio", "0.15", "--seed", str(seed)], check=True)
+    subprocess.run([*convert, *(str(out / f"HD-Track1-T{t}-test.jsonl") for t in tasks), "-o", str(out / "ann"),
+                    "--name", "test"], check=True)
 
 
 def main() -> None:
@@ -323,9 +419,16 @@ def main() -> None:
     parser.add_argument("--plain-audio", action="store_true",
                         help="every turn as 16 kHz mono WAV (fast to read) instead of mixed rates, channels and "
                              "containers (which exercise the loader); the dialogues are the same")
+    parser.add_argument("--tasks", default="1,2,3", help="HumDial Track 1 tasks to write, e.g. 1 or 1,2,3")
+    parser.add_argument("--plain-answers", action="store_true",
+                        help="Task 1 answers in one plain form instead of varied wording (an ablation)")
     args = parser.parse_args()
-    build(args.out, args.num_dialogues, args.test_fraction, args.seed, args.workers, args.plain_audio)
-    print(f"wrote {args.num_dialogues} dialogues to {args.out} (annotations in {args.out / 'ann'})")
+    tasks = tuple(int(t) for t in args.tasks.split(","))
+    if not set(tasks) <= set(TASK_TURNS):
+        parser.error(f"--tasks takes numbers from {sorted(TASK_TURNS)}, got {args.tasks!r}")
+    build(args.out, args.num_dialogues, args.test_fraction, args.seed, args.workers, args.plain_audio, tasks,
+          args.plain_answers)
+    print(f"wrote the dialogues of task(s) {args.tasks} to {args.out} (annotations in {args.out / 'ann'})")
 
 
 if __name__ == "__main__":

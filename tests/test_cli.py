@@ -103,16 +103,31 @@ def test_one_shot_missing_audio_is_a_clear_error(capsys, monkeypatch):
 
 def test_real_model_without_weights_names_what_to_download(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    rc = cli_inference.main(["--cfg-path", "configs/finetune_humdial.yaml", "--cfg-path", "configs/decode_config.yaml",
-                             "--wav", "x.wav", "--prompt", "hi"])
+    rc = cli_inference.main(["--cfg-path", "configs/config.yaml", "--cfg-path", "configs/decode_config.yaml",
+                             "--wav", demo_wavs(1)[0], "--prompt", "hi"])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and "Download" in err and "Traceback" not in err
 
 
-def test_decode_config_alone_asks_for_a_model_config(capsys, monkeypatch):
+def test_the_original_commands_work_as_its_readme_says(capsys, monkeypatch, tmp_path):
+    """bytedance/SALMONN's README runs these three; without the weights each names what to download."""
+    import train
+    import web_demo
+
     monkeypatch.chdir(REPO)
-    assert cli_inference.main(["--cfg-path", "configs/decode_config.yaml"]) == 2
+    commands = [lambda: train.cli(["--cfg-path", "configs/config.yaml", "--options", f"run.output_dir={tmp_path}"]),
+                lambda: cli_inference.main(["--cfg-path", "configs/decode_config.yaml"]),
+                lambda: web_demo.main(["--cfg-path", "configs/decode_config.yaml"])]
+    for command in commands:
+        rc, err = command(), capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and "Download" in err and "Traceback" not in err, err
+
+
+def test_a_generate_only_config_asks_for_a_model_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "generate.yaml").write_text("generate:\n  num_beams: 1\n")
+    assert cli_inference.main(["--cfg-path", str(tmp_path / "generate.yaml")]) == 2
     assert "no `model:` section" in capsys.readouterr().err
 
 

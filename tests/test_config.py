@@ -20,7 +20,7 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 def test_shipped_experiments_exist() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "finetune_humdial.yaml", "finetune_humdial_7b.yaml", "decode_config.yaml"} <= names
+    assert {"demo.yaml", "config.yaml", "finetune_humdial_7b.yaml", "decode_config.yaml"} <= names
 
 
 def test_options_override_and_parse_types() -> None:
@@ -76,11 +76,12 @@ def test_required_section_missing_is_named(tmp_path: Path) -> None:
         load_config(str(path), [], required_sections=("model",))
 
 
-def test_several_files_merge_in_order() -> None:
-    cfg = load_config([str(ROOT / "configs/demo.yaml"), str(ROOT / "configs/decode_config.yaml")],
-                      ["generate.max_new_tokens=7"])
+def test_several_files_merge_in_order(tmp_path: Path) -> None:
+    beams = tmp_path / "beams.yaml"
+    beams.write_text("generate:\n  num_beams: 4\n  max_new_tokens: 99\n")
+    cfg = load_config([str(ROOT / "configs/demo.yaml"), str(beams)], ["generate.max_new_tokens=7"])
     assert cfg.model.llama_path == "assets/tiny/llama"  # from demo.yaml
-    assert cfg.generate.num_beams == 4  # decode_config.yaml wins over demo.yaml
+    assert cfg.generate.num_beams == 4  # the later file wins over demo.yaml
     assert cfg.generate.max_new_tokens == 7  # the options win over both
 
 

@@ -283,12 +283,14 @@ def test_demo_corpus_converts_and_has_the_promised_shape(tmp_path):
     rates = {sf.info(str(out / t["path"])).samplerate for e in entries for t in e["turns"]}
     assert 16000 not in rates and len(rates) > 1
     # the shipped annotations are what convert.py makes of the shipped corpus (nothing stale)
-    shipped = annotation(DEMO / "ann" / "train.json") + annotation(DEMO / "ann" / "valid.json")
+    shipped = [e for e in annotation(DEMO / "ann" / "train.json") + annotation(DEMO / "ann" / "valid.json")
+               if e["task"] == "emotional_trajectory"]
     assert sorted(e["id"] for e in shipped) == sorted(train_ids)
 
 
-def test_demo_user_turns_carry_no_emotion_words():
-    from metrics import extract_emotions
+def test_demo_user_turns_carry_no_emotion_words_and_targets_read_back():
+    from metrics import emotion_trajectory_scores, extract_emotions
+    targets = []
     for name in ("HD-Track1-T1-train.jsonl", "HD-Track1-T1-test.jsonl"):
         for line in (DEMO / name).read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
@@ -296,8 +298,29 @@ def test_demo_user_turns_carry_no_emotion_words():
                 assert extract_emotions(turn["text"]) == [], turn["text"]
             for turn in record["turns"][:-1]:
                 assert extract_emotions(turn["response_text"]) == [], turn["response_text"]
+            assert record["turns"][-1]["emotion"] == "neutral"  # the closing question, as in the release
             target = record["turns"][-1]["response_text"]
-            assert extract_emotions(target) == [t["emotion"] for t in record["turns"]]
+            gold = [t["emotion"] for t in record["turns"]]
+            assert emotion_trajectory_scores([gold], [target]).exact_match == 100.0, target
+            targets.append(target)
+    # Varied like real answers: no one template, synonyms rather than one word per label.
+    openings = {t.split("，")[0][:4] if "，" in t else t.split(",")[0][:12] for t in targets}
+    assert len(openings) >= 4 and len(set(targets)) == len(targets)
+
+
+def test_demo_corpus_has_all_three_tasks_and_release_style_transcripts():
+    entries = annotation(DEMO / "ann" / "train.json") + annotation(DEMO / "ann" / "test.json")
+    tasks = {e["task"] for e in entries}
+    assert tasks == {"emotional_trajectory", "emotional_reasoning", "empathy"}
+    transcripts = [t["transcript"] for e in entries for t in e["turns"]]
+    assert any(t.startswith(("[laughter]", "[sigh]", "[笑声]", "[叹息声]")) for t in transcripts)
+    from scripts.make_demo_corpus import EMPATHY, REPLIES
+
+    empathy = {reply.split("{}")[0] for replies in EMPATHY.values() for reply in replies.values()}
+    for entry in (e for e in entries if e["task"] == "empathy"):  # ends at its evaluated turn: 2nd non-neutral
+        assert [t["emotion"] != "neutral" for t in entry["turns"]].count(True) == 2
+        assert entry["turns"][-1]["emotion"] != "neutral" and entry["text"] not in REPLIES[entry["language"]]
+        assert any(entry["text"].startswith(opening) for opening in empathy), entry["text"]
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
@@ -361,3 +384,84 @@ def test_blind_test_set_without_labels_and_replies(tmp_path):
     record["turns"][1]["emotion"] = "bored"
     with pytest.raises(DataError, match="unknown label 'bored'"):
         convert.convert([write_jsonl(src, [record])], tmp_path / "out", blind=True)
+
+
+# ------------------------------------------------------------------------------------------- the evaluated turn
+def test_every_entry_keeps_its_release_record_and_evaluated_turn(tmp_path):
+    record = dialogue(tmp_path, "zh_0001_0001")
+    src = write_jsonl(tmp_path / "task1_3.jsonl", [record])  # task 1 with 3 turns, not task 3
+    convert.convert([src], tmp_path / "out")
+    entry = annotation(tmp_path / "out" / "train.json")[0]
+    assert entry["task"] == "emotional_trajectory"
+    assert entry["release_record"] == record and entry["source"] == f"{src}:1"
+    assert (entry["eval_turn_id"], entry["eval_turn_from"]) == (3, "last_turn")
+
+
+def test_empathy_sample_ends_at_the_second_non_neutral_turn(tmp_path):
+    emotions = ("neutral", "sad", "neutral", "anger", "fear")
+    record = dialogue(tmp_path, "en_1", emotions)
+    src = write_jsonl(tmp_path / "HD-Track1-T3.jsonl", [record])
+    convert.convert([src], tmp_path / "out")
+    entry = annotation(tmp_path / "out" / "train.json")[0]
+    assert entry["task"] == "empathy"
+    assert (entry["Q"], entry["text"], entry["eval_turn_id"]) == ("user words 4", "reply 4", 4)
+    assert [t["emotion"] for t in entry["turns"]] == ["neutral", "sad", "neutral", "anger"]  # turn 5 left out
+    assert [t.get("reply") for t in entry["turns"]] == ["reply 1", "reply 2", "reply 3", None]
+    assert entry["release_record"]["turns"][4]["emotion"] == "fear"  # the package copies the whole dialogue
+    report = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert report["eval_turns"] == {"empathy: labels": 1} and report["turns"] == 4
+
+
+def test_empathy_dialogue_with_fewer_than_two_non_neutral_turns_is_invalid(tmp_path):
+    records = [dialogue(tmp_path, "en_1", ("neutral", "sad", "neutral")), dialogue(tmp_path, "en_2"),
+               dialogue(tmp_path, "en_3", ("neutral",) * 3)]
+    src = write_jsonl(tmp_path / "HD-Track1-T3.jsonl", records)
+    with pytest.raises(DataError, match=r"T3\.jsonl:1: dialogue en_1: no evaluated turn for task empathy: 1 "
+                                        r"non-neutral turn\(s\)") as caught:
+        convert.convert([src], tmp_path / "out")
+    assert "T3.jsonl:3: dialogue en_3: no evaluated turn" in str(caught.value)
+    convert.convert([src], tmp_path / "out", skip_invalid=True)
+    assert [e["id"] for e in annotation(tmp_path / "out" / "train.json")] == ["en_2"]
+    assert json.loads((tmp_path / "out" / "train_report.json").read_text())["skipped"] == {"no_eval_turn": 2}
+
+
+def test_strict_mode_reports_every_invalid_record_in_one_pass(tmp_path, capsys):
+    missing_audio = dialogue(tmp_path, "en_3")
+    (tmp_path / missing_audio["turns"][1]["split_audio_file"]).unlink()
+    records = [dialogue(tmp_path, "en_1"), "{not json", missing_audio,
+               dialogue(tmp_path, "en_4", ("neutral", "bored")), dialogue(tmp_path, "en_1")]
+    src = write_jsonl(tmp_path / "t1.jsonl", records)
+    out = tmp_path / "out"
+    assert convert.main([str(src), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"error: {src}:2: malformed JSON")
+    assert err[1].startswith(f"error: {src}:3: dialogue en_3, turn 2: audio file not found")
+    assert err[2].startswith(f"error: {src}:4: dialogue en_4, turn 2: field 'emotion': unknown label 'bored'")
+    assert err[3] == f"error: {src}:5: dialogue en_1 task emotional_trajectory already given by {src}:1"
+    assert err[4] == "error: 4 invalid record(s); nothing written (--skip-invalid skips and counts them)"
+    assert len(err) == 5 and outputs(out) == []
+
+
+def test_strict_mode_prints_the_first_fifty_invalid_records_then_a_count(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "t1.jsonl", [dialogue(tmp_path, "en_0")] + ["{bad"] * 53)
+    assert convert.main([str(src), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 52 and err[49].startswith(f"error: {src}:51: malformed JSON")
+    assert err[50:] == ["error: ... and 3 more",
+                        "error: 53 invalid record(s); nothing written (--skip-invalid skips and counts them)"]
+
+
+def test_task_option_beats_the_record_field_which_beats_the_file_name(tmp_path):
+    record = {**dialogue(tmp_path, "en_1", ("sad", "happy", "neutral")), "task": "emotional_reasoning"}
+    src = write_jsonl(tmp_path / "HD-Track1-T3.jsonl", [record])
+    convert.convert([src], tmp_path / "a")
+    assert annotation(tmp_path / "a" / "train.json")[0]["task"] == "emotional_reasoning"
+    convert.convert([src], tmp_path / "b", task="empathy")
+    assert annotation(tmp_path / "b" / "train.json")[0]["task"] == "empathy"
+
+
+def test_language_comes_from_the_release_folder_when_the_id_has_none(tmp_path):
+    (tmp_path / "zh").mkdir()
+    record = dialogue(tmp_path / "zh", "task1_3_0001")  # English words, but the release's zh/ folder
+    convert.convert([write_jsonl(tmp_path / "zh" / "HD-Track1-T1.jsonl", [record])], tmp_path / "out")
+    assert annotation(tmp_path / "out" / "train.json")[0]["language"] == "zh"

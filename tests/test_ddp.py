@@ -16,11 +16,10 @@ from test_runner import ONE_LINEAR_STEP, assert_same_tensors, corpus_options, lo
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(ROOT / "configs/demo.yaml")
 
-LAUNCHER = f"""
+LAUNCHER = """
 import sys
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import test_runner, train
-test_runner.no_dropout(type("Patch", (), {{"setattr": staticmethod(setattr)}})())
+test_runner.no_dropout(type("Patch", (), {"setattr": staticmethod(setattr)})())
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -48,7 +47,7 @@ def torchrun_two_processes(tmp_path: Path, options: list[str]) -> subprocess.Com
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), "--cfg-path", DEMO_CFG,
                            "--options", *options], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -1,6 +1,7 @@
 """Batched decoding, submission files and task scoring (evaluate.py)."""
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -84,17 +85,24 @@ def test_evaluate_main_on_the_demo_corpus(tmp_path, capsys, monkeypatch):
     assert {f"emotional_trajectory/{lang}/emotion_turn_acc" for lang in languages} <= set(scores)
     captured = capsys.readouterr()
     assert "emotion_exact" in captured.out and "bleu" in captured.out and "rouge_l" in captured.out
-    # Traceable: no checkpoint was given, which is said loudly and recorded; so are the config and the code.
-    assert "warning: model.ckpt is empty: answering with the untrained demo model" in captured.err
+    # Traceable: the checkpoint (the demo's), the config and the code are recorded.
     written = json.loads((out / "scores.json").read_text())
-    assert written["checkpoint"] is None and written["config"]["model"]["random_init"] is True
-    assert written["code_version"] and all(r["checkpoint_sha256"] is None for r in records)
+    sha256 = hashlib.sha256((REPO / "assets/tiny/salmonn_tiny.pth").read_bytes()).hexdigest()
+    assert written["checkpoint"]["sha256"] == sha256 and written["config"]["model"]["ckpt"].endswith("salmonn_tiny.pth")
+    assert written["code_version"] and all(r["checkpoint_sha256"] == sha256 for r in records)
     assert all(len(r["emotions_read"]) == len(r["emotions"]) for r in records)
+
+
+def test_decoding_without_a_checkpoint_is_said_loudly(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_inference_config(None, ["model.ckpt="])
+    load_model(cfg, torch.device("cpu"))
+    assert "warning: model.ckpt is empty: answering with an untrained SALMONN" in capsys.readouterr().err
 
 
 def test_evaluate_without_weights_names_what_to_download(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    rc = evaluate.main(["--cfg-path", "configs/finetune_humdial.yaml", "--ann", "data/demo/ann/test.json",
+    rc = evaluate.main(["--cfg-path", "configs/config.yaml", "--ann", "data/demo/ann/test.json",
                         "--out-dir", "/nonexistent/never/written"])
     assert rc == 2
     assert "checkpoints/whisper-large-v2" in capsys.readouterr().err
@@ -179,3 +187,70 @@ def test_trajectory_with_unlabelled_turns_is_an_error():
                 "emotions": ["sad", ""]}]
     with pytest.raises(ValueError, match="lack gold per-turn emotion labels"):
         metrics.score_records(records)
+
+
+# ---------------------------------------------------------------------------------------------- nothing lost
+DEMO_DECODE = ["--ann", "data/demo/ann/test.json", "--limit", "4", "--batch-size", "2", "--num-workers", "0",
+               "--num-beams", "1", "--max-new-tokens", "5", "--device", "cpu"]
+
+
+def test_unreadable_audio_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    ann = json.loads((REPO / "data/demo/ann/test.json").read_text())["annotation"][:2]
+    (tmp_path / "notes.wav").write_text("not audio")
+    entry = {**ann[1], "turns": [{**ann[1]["turns"][0], "path": "notes.wav"}, *ann[1]["turns"][1:]]}
+    ann = [{**ann[0], "turns": [{**t, "path": str(REPO / "data/demo/ann" / t["path"])} for t in ann[0]["turns"]]},
+           {**entry, "turns": [entry["turns"][0]] + [{**t, "path": str(REPO / "data/demo/ann" / t["path"])}
+                                                       for t in entry["turns"][1:]]}]
+    (tmp_path / "ann.json").write_text(json.dumps({"annotation": ann}))
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert evaluate.main(["--ann", str(tmp_path / "ann.json"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: 1 unreadable clip(s): ")
+    assert f"{entry['id']} (emotional_trajectory): cannot read audio file {tmp_path / 'notes.wav'}" in err
+
+
+def test_a_killed_decode_continues_where_it_stopped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert evaluate.main([*DEMO_DECODE, "--out-dir", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "predictions.jsonl").read_text()
+
+    from models.salmonn import SALMONN
+    generate, calls = SALMONN.generate, {"n": 0}
+
+    def dies_on_the_second_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(SALMONN, "generate", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([*DEMO_DECODE, "--out-dir", str(tmp_path / "killed")])
+    assert len((tmp_path / "killed" / "predictions.partial.jsonl").read_text().splitlines()) == 2  # batch 1 kept
+    monkeypatch.setattr(SALMONN, "generate", generate)
+    capsys.readouterr()
+    assert evaluate.main([*DEMO_DECODE, "--out-dir", str(tmp_path / "killed")]) == 0
+    assert "2 of 4 samples already done" in capsys.readouterr().out
+    assert (tmp_path / "killed" / "predictions.jsonl").read_text() == whole
+
+
+def test_a_folder_holding_another_decode_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert evaluate.main([*DEMO_DECODE, "--out-dir", str(tmp_path / "out")]) == 0
+    before = (tmp_path / "out" / "predictions.jsonl").read_text()
+    capsys.readouterr()
+    assert evaluate.main([*DEMO_DECODE[:-4], "--max-new-tokens", "3", "--device", "cpu",
+                          "--out-dir", str(tmp_path / "out")]) == 2
+    assert "holds a decode made with another" in capsys.readouterr().err
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
+
+
+def test_a_worker_error_is_reported_by_its_own_message():
+    from utils import error_message
+
+    wrapped = ("Caught AudioError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    raise AudioError(...)\n'
+               "dataset_v1.AudioError: d1 (empathy): cannot read audio file a.wav: Format not recognised.")
+    assert error_message(ValueError(wrapped)) == "d1 (empathy): cannot read audio file a.wav: Format not recognised."
+    assert error_message(ValueError("plain message")) == "plain message"

@@ -1,4 +1,4 @@
-"""The SALMONN model on the tiny embedded default (random init, CPU)."""
+"""The SALMONN model on the tiny embedded default (assets/tiny: saved random weights, CPU)."""
 from __future__ import annotations
 
 import math
@@ -19,7 +19,9 @@ TRAINED = re.compile(r"^(speech_Qformer\.bert\.|speech_query_tokens$|speech_llam
 
 def tiny_cfg(**overrides) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load("configs/demo.yaml").model)
-    cfg.update(prompt_path="", ckpt="", lora_dropout=0.0)
+    # the demo's model with a 30 s Whisper window, q/v LoRA and untrimmed tokens, as the released checkpoints
+    cfg.update(prompt_path="", ckpt="", lora_dropout=0.0, whisper_path="assets/tiny/whisper", lora_rank=8,
+               lora_target_modules=["q_proj", "v_proj"], trim_speech_padding=False, cache_frozen_encoders=False)
     cfg.update(overrides)
     return cfg
 
@@ -147,7 +149,7 @@ def test_checkpoint_round_trip_in_original_key_format(tmp_path, model):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": state, "epoch": 0}, path)
 
-    other = build(seed=0)  # same frozen base weights (random init stands in for the released files)
+    other = build(seed=0)  # same frozen base weights (the tiny saved ones stand in for the released files)
     randomize_trainable(other, 99)
     other.load_checkpoint(path)
     other.eval()
@@ -186,8 +188,22 @@ def test_wrong_checkpoints_fail_with_the_key_and_shapes(tmp_path, model):
 
 
 def test_real_paths_without_weights_say_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="(?i)download"):
-        SALMONN.from_config(tiny_cfg(random_init=False))
+    import shutil
+
+    configs_only = {"whisper": ("config.json", "preprocessor_config.json"), "llama": ("config.json", "tokenizer.model")}
+    for folder, files in configs_only.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            shutil.copy(f"assets/tiny/{folder}/{name}", tmp_path / folder)
+    with pytest.raises(FileNotFoundError, match="(?i)no weights in .*whisper.*download"):
+        SALMONN.from_config(tiny_cfg(whisper_path=str(tmp_path / "whisper")))
+    with pytest.raises(FileNotFoundError, match="(?i)no weights in .*llama.*download"):
+        SALMONN.from_config(tiny_cfg(llama_path=str(tmp_path / "llama")))
+    with pytest.raises(FileNotFoundError, match="(?i)BEATs.*download"):
+        SALMONN.from_config(tiny_cfg(beats_path=str(tmp_path / "BEATs.pt")))
+    (tmp_path / "beats.json").write_text('{"encoder_layers": 2}')
+    with pytest.raises(ValueError, match="config only; set model.random_init: true"):
+        SALMONN.from_config(tiny_cfg(beats_path=str(tmp_path / "beats.json")))
     with pytest.raises(FileNotFoundError, match="(?i)download.*whisper"):
         SALMONN.from_config(tiny_cfg(whisper_path=str(tmp_path / "nowhere")))
 

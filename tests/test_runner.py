@@ -379,3 +379,16 @@ def test_validation_decodes_a_subset_and_picks_best_by_a_task_metric(corpus: Pat
     assert [v["step"] for v in valid] == [1, 2] and all("asr/en/wer" in v and "acc" in v for v in valid)
     best = load(tmp_path / "checkpoint_best.pth")
     assert best["best"]["value"] == min(v["asr/en/wer"] for v in valid)
+
+
+def test_dryrun_runs_the_users_config_with_the_tiny_model(corpus: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    options = [*corpus_options(corpus, tmp_path / "run", iters_per_epoch=1, optims__max_epoch=1),
+               "run.accum_grad_iters=1", "run.resume=''"]
+    assert train.main(["--cfg-path", "configs/config.yaml", "--dryrun", "--options", *options]) == 0
+    assert not (tmp_path / "run").exists()  # the real run's folder stays untouched
+    saved = (tmp_path / "run_dryrun" / "config.yaml").read_text()
+    assert "assets/tiny/llama" in saved and "vicuna" not in saved
+    assert "lora_rank: 8" in saved and "batch_size_train: 2" in saved  # the user's settings are kept
+    assert load(tmp_path / "run_dryrun" / "checkpoint_step1.pth")["step"] == 1
