@@ -75,6 +75,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "device": "auto",  # auto (cuda if available) | cuda | cpu
         "precision": "auto",  # auto (bf16 on GPUs that support it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
         "fsdp": False,  # shard the model over the ranks (LLMs that do not fit one GPU)
+        "gradient_checkpointing": False,  # the LLM recomputes its layers' activations in the backward pass
+                                          # (non-reentrant): less memory, one more LLM forward per step
         "log_freq": 5,
         "epoch_based": False,  # True: an epoch is one pass over the training data
         "iters_per_epoch": 3000,  # optimizer steps per epoch when epoch_based is False

@@ -261,6 +261,8 @@ class Runner:
         checkpoint = self._read_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:  # weights go in before wrapping: FSDP then shards the resumed weights
             self.model.load_checkpoint_dict(checkpoint, source=str(self.resume_path))
+        if self.run_cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.wrapped = self._wrap(self.model)
         optims = self.run_cfg.optims
         self.optimizer = torch.optim.AdamW(param_groups(self.wrapped, optims.weight_decay), lr=optims.init_lr,

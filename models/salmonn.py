@@ -309,6 +309,16 @@ class SALMONN(nn.Module):
         for p in self.speech_llama_proj.parameters():
             p.requires_grad = not cfg["freeze_speech_llama_proj"]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """The LLM recomputes each decoder layer's activations in the backward pass instead of keeping them
+        (`run.gradient_checkpointing`). Non-reentrant, so the frozen LLaMA needs no input that requires grad and
+        LoRA still gets its gradients; without gradients (generation) nothing is recomputed and the KV cache is
+        used."""
+        llama = self.llama_model.get_base_model() if self.cfg["lora"] else self.llama_model
+        # recent transformers 5 releases renamed gradient_checkpointing_enable (now deprecated); earlier ones lack it
+        enable = getattr(llama, "activation_checkpointing_enable", None) or llama.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+
     def train(self, mode: bool = True) -> "SALMONN":
         """Frozen encoders stay in eval mode (no dropout), as in the original."""
         super().train(mode)
@@ -580,7 +590,7 @@ class SALMONN(nn.Module):
         """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
         normalise over accumulation steps and ranks."""
         embeds, mask, labels = self._batch_sequences(samples, with_targets=True, left_pad=False)
-        logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask).logits
+        logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # no KV cache
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")

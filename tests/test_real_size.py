@@ -1,0 +1,263 @@
+"""The real-size model without a GPU: gradient checkpointing proven on the tiny demo model (same loss and
+gradients, LoRA still trained, generation still cached), and Vicuna-13B / 7B SALMONN built on the meta device
+(nothing allocated) to check that the released checkpoints' key sets map one to one, with shapes, onto ours."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_runner import corpus_options, make_corpus, run_train, train_losses
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
+
+import train
+from dataset_v1 import build_dataset, collate
+from models.salmonn import SALMONN, CheckpointError, to_original_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY_KEYS = ROOT / "tests/parity/checkpoint_keys.json"  # written by the ORIGINAL code (tests/parity/README.md)
+LLAMA_LAYER = re.compile(r"^(llama_model\.base_model\.model\.model\.layers\.)\d+(\..*)$")
+
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Train mode with every dropout off, so that two forwards of one batch compute the same function."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def demo_model_and_batch() -> tuple[SALMONN, dict]:
+    cfg = OmegaConf.load(ROOT / "configs/demo.yaml")
+    model_cfg = OmegaConf.to_container(cfg.model)
+    model_cfg.update(lora_dropout=0.0, cache_frozen_encoders=False)  # demo ckpt kept: LoRA B is not zero
+    torch.manual_seed(0)
+    model = without_dropout(SALMONN.from_config(model_cfg))
+    dataset = build_dataset(str(ROOT / cfg.datasets.train_ann_path), cfg.datasets, "train", model_cfg)
+    return model, collate([dataset[i] for i in range(2)])
+
+
+def loss_and_grads(model: SALMONN, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The batch's loss, the gradient of every trained tensor, and how many elements autograd kept for the
+    backward pass inside the LLM's decoder stack (what checkpointing saves)."""
+    kept, inside = [], []
+    stack = next(m for m in model.llama_model.modules() if isinstance(m, LlamaModel))
+    hooks = [stack.register_forward_pre_hook(lambda *_: inside.append(True)),
+             stack.register_forward_hook(lambda *_: inside.clear())]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if inside:
+            kept.append(tensor.numel())
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(batch)["loss"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, sum(kept)
+
+
+def llama_calls(model: SALMONN) -> tuple[list[dict], torch.utils.hooks.RemovableHandle]:
+    """Hooks the decoder stack (LlamaModel): per call, its input length and whether it returned a KV cache."""
+    calls: list[dict] = []
+
+    def record(module, args, kwargs, output):
+        inputs = kwargs.get("inputs_embeds")
+        inputs = kwargs["input_ids"] if inputs is None else inputs
+        calls.append({"length": inputs.shape[1], "cache": output.cache is not None})
+
+    stack = next(m for m in model.llama_model.modules() if isinstance(m, LlamaModel))
+    return calls, stack.register_forward_hook(record, with_kwargs=True)
+
+
+def checkpointed_layers(model: SALMONN) -> list[bool]:
+    return [m.gradient_checkpointing for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(demo_model_and_batch):
+    model, batch = demo_model_and_batch
+    assert checkpointed_layers(model) == [False, False]
+    loss, grads, kept = loss_and_grads(model, batch)
+    calls, hook = llama_calls(model)
+    model.enable_gradient_checkpointing()
+    assert checkpointed_layers(model) == [True, True]
+    try:
+        checkpointed_loss, checkpointed_grads, checkpointed_kept = loss_and_grads(model, batch)
+    finally:
+        hook.remove()
+        model.llama_model.get_base_model().activation_checkpointing_disable()
+    assert calls == [{"length": calls[0]["length"], "cache": False}]  # one training forward, no KV cache
+    assert checkpointed_kept < kept / 4  # the layers keep their inputs only (measured 0.2M vs 3.0M elements)
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
+    assert checkpointed_grads.keys() == grads.keys()
+    lora = [n for n in grads if ".lora_A." in n or ".lora_B." in n]
+    assert len(lora) == 2 * 7 * 2  # 2 layers x 7 target modules x (A, B)
+    for name in lora:
+        assert checkpointed_grads[name].abs().sum() > 0, f"{name}: no gradient through the checkpointed LLM"
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_generation_with_gradient_checkpointing_uses_the_kv_cache(demo_model_and_batch):
+    model, batch = demo_model_and_batch
+    settings = {"max_new_tokens": 5, "min_new_tokens": 5, "num_beams": 1, "do_sample": False}
+    plain = model.generate(batch, settings)
+    model.enable_gradient_checkpointing()
+    calls, hook = llama_calls(model)
+    try:
+        assert model.training  # the layers check training mode: generation must not be checkpointed either way
+        checkpointed = model.generate(batch, settings)
+    finally:
+        hook.remove()
+        model.llama_model.get_base_model().activation_checkpointing_disable()
+    assert checkpointed == plain
+    assert len(calls) == 5 and all(c["cache"] for c in calls)
+    assert calls[0]["length"] > 1 and [c["length"] for c in calls[1:]] == [1] * 4  # one new token per step
+
+
+def test_training_run_with_gradient_checkpointing(tmp_path, monkeypatch):
+    """A train.py run with run.gradient_checkpointing=true: it trains the LLM checkpointed, and its losses are
+    those of the same run without."""
+    corpus = make_corpus(tmp_path / "corpus", num_train=4, num_valid=2, num_test=2)
+    built: list[SALMONN] = []
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda cfg: built.append(build(cfg)) or built[-1])
+    losses = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc_{checkpointing}"
+        options = corpus_options(corpus, out, iters_per_epoch=2, optims__max_epoch=1,
+                                 gradient_checkpointing=checkpointing)
+        assert run_train(options) == 0
+        losses[checkpointing] = train_losses(out)
+    assert checkpointed_layers(built[0]) == [False, False] and checkpointed_layers(built[1]) == [True, True]
+    assert [s for s, _ in losses[True]] == [1, 2]
+    for (_, plain), (_, checkpointed) in zip(losses[False], losses[True]):
+        assert checkpointed == pytest.approx(plain, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- 13B / 7B on the meta device
+
+# Vicuna v1.1 (LLaMA) sizes: hidden, layers, heads, intermediate; and LLaMA's published parameter counts.
+LLAMA_SIZES = {"13b": (5120, 40, 40, 13824), "7b": (4096, 32, 32, 11008)}
+LLAMA_PARAMETERS = {"13b": 13_015_864_320, "7b": 6_738_415_616}
+WHISPER_LARGE_V2 = dict(model_type="whisper", d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                        encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
+                        num_mel_bins=80, max_source_positions=1500, max_target_positions=448, vocab_size=51865)
+# BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2 (the keys models/beats.py reads; the rest keep its defaults)
+BEATS_CPT2 = dict(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+                  relative_position_embedding=True, deep_norm=True, conv_pos=128, conv_pos_groups=16,
+                  input_patch_size=16, embed_dim=512)
+
+
+@pytest.fixture(scope="module")
+def real_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Config-only folders (no weights) of whisper-large-v2, BEATs cpt2 and Vicuna-13B / 7B."""
+    root = tmp_path_factory.mktemp("real_size")
+    whisper = root / "whisper-large-v2"
+    whisper.mkdir()
+    (whisper / "config.json").write_text(json.dumps(WHISPER_LARGE_V2))
+    shutil.copy(ROOT / "assets/tiny/whisper/preprocessor_config.json", whisper)  # 30 s window
+    beats = root / "beats_cpt2.json"
+    beats.write_text(json.dumps(BEATS_CPT2))
+    folders = {"whisper": whisper, "beats": beats}
+    for size, (hidden, layers, heads, intermediate) in LLAMA_SIZES.items():
+        llama = root / f"vicuna-{size}"
+        llama.mkdir()
+        (llama / "config.json").write_text(json.dumps(dict(
+            model_type="llama", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=intermediate, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)))
+        shutil.copy(ROOT / "assets/tiny/llama/tokenizer.model", llama)  # the tokenizer is not what is checked
+        folders[size] = llama
+    return folders
+
+
+def build_on_meta(folders: dict[str, Path], size: str) -> SALMONN:
+    """The released setting (config.MODEL_DEFAULTS: Q-Former 768/2/12/3072, LoRA 8 on q_proj, v_proj) at real
+    size, its tensors on the meta device: shapes without memory."""
+    cfg = dict(llama_path=str(folders[size]), whisper_path=str(folders["whisper"]), beats_path=str(folders["beats"]),
+               random_init=True, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        return SALMONN(cfg)
+
+
+@pytest.fixture(scope="module")
+def meta_models(real_configs) -> dict[str, SALMONN]:
+    return {size: build_on_meta(real_configs, size) for size in LLAMA_SIZES}
+
+
+def released_keys(num_llama_layers: int) -> set[str]:
+    """The trained-tensor keys of a released checkpoint: those the original code wrote for its tiny model, with
+    the LLaMA layer count changed (the Q-Former has 2 layers in both)."""
+    entries = json.loads(PARITY_KEYS.read_text())["model"]
+    keys = set()
+    for key in (e["key"] for e in entries if e["kind"] == "parameter"):  # buffers and BEATs aliases are not trained
+        match = LLAMA_LAYER.match(key)
+        keys |= {f"{match[1]}{n}{match[2]}" for n in range(num_llama_layers)} if match else {key}
+    return keys
+
+
+def test_meta_build_allocates_nothing(meta_models):
+    for model in meta_models.values():
+        tensors = [*model.parameters(), *model.buffers()]
+        assert tensors and all(t.is_meta for t in tensors)
+        assert model.llm_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("size", list(LLAMA_SIZES))
+def test_real_size_trained_keys_are_the_released_ones_with_their_shapes(meta_models, size):
+    hidden, layers, _, _ = LLAMA_SIZES[size]
+    model = meta_models[size]
+    shapes = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    assert set(shapes) == released_keys(layers)
+    assert all(to_original_name(n) in shapes for n, p in model.named_parameters() if p.requires_grad)
+    lora = {k: s for k, s in shapes.items() if ".lora_" in k}
+    assert len(lora) == layers * 2 * 2  # q_proj, v_proj x (A, B)
+    assert {s for k, s in lora.items() if ".lora_A." in k} == {(8, hidden)}
+    assert {s for k, s in lora.items() if ".lora_B." in k} == {(hidden, 8)}
+    assert shapes["speech_llama_proj.weight"] == (hidden, 768) and shapes["speech_llama_proj.bias"] == (hidden,)
+    for kind in ("key", "value"):  # cross-attention over Whisper (1280) + BEATs (768) channels
+        assert shapes[f"speech_Qformer.bert.encoder.layer.0.crossattention.self.{kind}.weight"] == (768, 2048)
+    assert shapes["ln_speech.weight"] == (1280,) and shapes["ln_audio.weight"] == (768,)
+    assert shapes["speech_query_tokens"] == (1, 1, 768)
+
+
+def test_real_size_parameter_counts(meta_models):
+    """The LLaMA built from the config has the published size; the trained part besides LoRA and the projection
+    (Q-Former, query, layer norms) does not depend on the LLM."""
+    encoder_side = {}
+    for size, model in meta_models.items():
+        hidden, layers, _, _ = LLAMA_SIZES[size]
+        llama = model.llama_model.get_base_model()
+        base = sum(p.numel() for n, p in llama.named_parameters() if ".lora_" not in n)
+        assert base == LLAMA_PARAMETERS[size]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora, projection = layers * 2 * 8 * 2 * hidden, hidden * 768 + hidden
+        encoder_side[size] = trainable - lora - projection
+    assert encoder_side["13b"] == encoder_side["7b"]
+
+
+def test_13b_checkpoint_into_the_7b_model_names_the_key_and_both_shapes(meta_models):
+    state_13b = meta_models["13b"].trainable_state_dict()
+    shapes_7b = {k: tuple(v.shape) for k, v in meta_models["7b"].trainable_state_dict().items()}
+    with pytest.raises(CheckpointError, match="has shape") as error:
+        meta_models["7b"].load_trainable_state_dict(state_13b, source="salmonn_v1.pth")
+    found = re.search(r"salmonn_v1\.pth: '(\S+)' has shape \(([\d, ]+)\) in the checkpoint but \(([\d, ]+)\) in the "
+                      r"model", str(error.value))
+    assert found, str(error.value)
+    key, shape_ckpt, shape_model = found[1], found[2], found[3]
+    assert shape_ckpt == ", ".join(map(str, state_13b[key].shape))
+    assert shape_model == ", ".join(map(str, shapes_7b[key])) and shape_ckpt != shape_model
