@@ -36,15 +36,15 @@ from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 from config import ConfigError, config_to_dict, load_config
-from dataset_v1 import AnnotationError, AudioError, build_dataset, collate, read_annotation
+from dataset_v1 import AnnotationError, AudioError, build_dataset, read_annotation
 from inference import (DEFAULT_CFG_PATHS, add_model_arguments, check_audio_readable, decode_remaining,
-                       generation_settings, inference_dtype, load_inference_config, load_model, provenance,
+                       generation_settings, inference_dtype, load_inference_config, load_model,
                        resume_decode, write_decode_outputs)
 from judge import JudgeError, format_judge_table, judge_predictions, judge_records, judge_settings, load_prompts
 from metrics import format_table
 from submission import (PackageError, annotation_ids, check_package_dir_free, package_problems, releases_of_entries,
                         validate_package, validate_submission, write_package)
-from utils import error_message, resolve_device
+from utils import error_message, file_fingerprint, resolve_device
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -140,9 +140,10 @@ def evaluate(args: argparse.Namespace) -> int:
         releases_of_entries(entries)
     check_audio_readable(dataset)
     settings = generation_settings(cfg.generate, args)
+    checkpoint = file_fingerprint(cfg.model.ckpt) if cfg.model.ckpt else None
     done = resume_decode(out_dir, dataset, {"annotation": str(ann_path), "limit": args.limit, "generate": settings,
                                             "lora_scaling": args.lora_scaling, "model": config_to_dict(cfg.model),
-                                            "checkpoint": provenance(cfg)["checkpoint"]})
+                                            "checkpoint": checkpoint})
     model = load_model(cfg, resolve_device(args.device), args.lora_scaling)
     records = decode_remaining(out_dir, model, dataset, done, settings, inference_dtype(cfg, model),
                                args.batch_size or cfg.run.batch_size_eval,

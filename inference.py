@@ -223,22 +223,23 @@ def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings:
             yield prediction_record(batch, i, prediction)
 
 
+def sample_entries(dataset: Any) -> list[dict[str, Any]]:
+    """The annotation entries of a SalmonnDataset (or a Subset of one), in sample order, without loading audio."""
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.annotation[i] for i in dataset.indices]
+    return list(dataset.annotation)
+
+
 def sample_keys(dataset: Any) -> list[tuple[str, str]]:
-    """(id, task) of every sample of a SalmonnDataset (or a Subset of one), in order, read without loading audio."""
-    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
-        (dataset, range(len(dataset)))
-    entries = [base.annotation[i] for i in indices]
-    return [(entry.get("id", entry.get("path")), entry["task"]) for entry in entries]
+    """(id, task) of every sample, in order."""
+    return [(entry.get("id", entry.get("path")), entry["task"]) for entry in sample_entries(dataset)]
 
 
 def check_audio_readable(dataset: Any) -> None:
     """Every clip of the dataset's samples opens as audio (headers only), checked before a model is loaded: a bad
     file fails in seconds, naming the file and its dialogue, not after an hour of decoding."""
-    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else \
-        (dataset, range(len(dataset)))
     problems = []
-    for i in indices:
-        entry = base.annotation[i]
+    for entry in sample_entries(dataset):
         for path in audio_paths(entry):
             try:
                 audio_seconds(path)

@@ -3,6 +3,7 @@ and inference. (The config lives in config.py.)"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -229,10 +230,18 @@ def code_version() -> str:
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, size and sha256 of a file: what a score records of the checkpoint it came from."""
-    path = Path(path)
+    """Path, size and sha256 of a file: what a score records of the checkpoint it came from. A decode asks twice
+    (to resume, then to record), so the digest is remembered while the file's size and mtime stay the same."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes; size and mtime are part of the cache key, so a rewritten file is read again."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()

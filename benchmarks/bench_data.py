@@ -8,7 +8,6 @@ above the model's.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -233,12 +233,13 @@ def main() -> None:
     rows = {name: {**score(run_dirs[name] / "eval" / "predictions.jsonl", test), "train_s": train_s[name],
                    "turn_recognition": turn_recognition_accuracy(run_dirs[name] / "eval_turns" / "predictions.jsonl")}
             for name in RUNS}
-    report = table(rows, chance_levels(train, test), len(test))
+    chance = chance_levels(train, test)
+    report = table(rows, chance, len(test))
     report += f" The whole experiment took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores."
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"runs": rows, "chance": chance_levels(train, test),
+    (out / "report.json").write_text(json.dumps({"runs": rows, "chance": chance,
                                                  "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
-    plot(rows, chance_levels(train, test), out / "report.png")
+    plot(rows, chance, out / "report.png")
     export_weights(latest_checkpoint(run_dirs["audio"]), out / "salmonn_tiny.pth")
     print(report)
     print(f"wrote {out / 'report.md'}, report.json, report.png and salmonn_tiny.pth (the audio run's weights: "
