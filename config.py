@@ -37,6 +37,8 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     speech_llama_proj_model="",  # a checkpoint to take only the projection from
     lora=True, lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"],
     lora_scaling=None,  # LoRA scaling at inference; None = lora_alpha / lora_rank
+    merge_lora=False,  # inference only: merge the LoRA into the frozen LLaMA weights (peft merge_and_unload)
+                      # for speed; applied after ckpt and lora_scaling. train.py refuses it
     trim_speech_padding=False,  # drop the speech tokens of Whisper's 30 s zero-padding
     cache_frozen_encoders=False,  # run frozen Whisper/BEATs once per clip (outputs kept in host memory)
     multi_prompt=True,  # training: a random prompt of the task per sample (seeded by seed, epoch, index);
@@ -58,6 +60,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "valid_ann_path": "",
         "test_ann_path": "",
         "turn_mode": "per_turn",  # per_turn: one <SpeechHere> slot per user turn | concat: the original fine-tune
+                                  # | packed: per-turn slots, the turns laid end to end in shared 30 s clips on
+                                  # Q-Former window boundaries (needs second_stride == second_per_window)
         "text_inputs": "audio",  # audio | audio+transcript | audio+transcript+replies
         "concat_gap_s": 0.5,  # silence between turns in concat mode
         "silence_audio": False,  # ablation: every clip replaced by zeros of the same length
@@ -77,6 +81,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "fsdp": False,  # shard the model over the ranks (LLMs that do not fit one GPU)
         "gradient_checkpointing": False,  # the LLM recomputes its layers' activations in the backward pass
                                           # (non-reentrant): less memory, one more LLM forward per step
+        "padding_free": False,  # training forward: the micro-batch's sequences in one row, positions restarting
+                                # per sample, no padding (a block-diagonal causal mask; flash-attention varlen);
+                                # same loss. Generation stays left-padded
         "log_freq": 5,
         "epoch_based": False,  # True: an epoch is one pass over the training data
         "iters_per_epoch": 3000,  # optimizer steps per epoch when epoch_based is False
@@ -155,7 +162,7 @@ RETIRED: dict[str, str] = {
 # Keys whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.torch_dtype": ("float32", "bfloat16", "float16"),
-    "datasets.turn_mode": ("per_turn", "concat"),
+    "datasets.turn_mode": ("per_turn", "concat", "packed"),
     "datasets.text_inputs": ("audio", "audio+transcript", "audio+transcript+replies"),
     "run.device": ("auto", "cuda", "cpu"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),

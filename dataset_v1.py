@@ -1,7 +1,8 @@
 """Audio loading, clips, the dataset (HumDial dialogues and the original single-clip format) and the collate function.
 
 `datasets:` keys (configs/*.yaml; defaults and allowed values in config.py); from `model:` it reads
-whisper_path, prompt_path, test_prompt_path, prompt_template and multi_prompt (a path given in `datasets:` wins):
+whisper_path, prompt_path, test_prompt_path, prompt_template and multi_prompt (a path given in `datasets:` wins),
+and for turn_mode packed second_per_window, second_stride and window_level_Qformer:
 
     datasets:
       train_ann_path: data/demo/ann/train.json  # annotations written by convert.py
@@ -11,6 +12,11 @@ whisper_path, prompt_path, test_prompt_path, prompt_template and multi_prompt (a
                                #   30 s clips) and gets its own <SpeechHere> slot in a "Turn n:" line of the prompt
                                # concat: the original fine-tune, for comparison: the turns joined with
                                #   concat_gap_s of silence into one clip, cut at 30 s (a warning counts the cuts)
+                               # packed: the turns laid end to end in shared 30 s clips, each turn starting on a
+                               #   Q-Former window boundary (the rest of its last window zeros; a turn that does
+                               #   not fit goes on in the next clip); each turn's slot, in "Turn n:" lines as in
+                               #   per_turn, gets exactly the windows holding its samples: fewer encoder passes.
+                               #   Needs non-overlapping windows (model.second_stride == second_per_window)
       text_inputs: audio       # audio (default; the challenge's test set gives only the user's audio)
                                # | audio+transcript | audio+transcript+replies (earlier assistant replies)
       concat_gap_s: 0.5        # silence between turns in concat mode
@@ -45,7 +51,7 @@ from torch.utils.data import Dataset
 from transformers import WhisperFeatureExtractor
 
 from config import CHOICES, section_defaults
-from models import SAMPLE_RATE, SPEECH_SLOT
+from models import SAMPLE_RATE, SPEECH_SLOT, WHISPER_CONV_STRIDE, window_frames
 from prompting import PromptError, TurnText, choose_prompt, expand_turns, load_prompts, prompt_key, question_prompt
 
 log = logging.getLogger(__name__)
@@ -114,6 +120,49 @@ def join_with_gaps(wavs: list[np.ndarray], gap_samples: int) -> np.ndarray:
     gap = np.zeros(gap_samples, dtype=np.float32)
     pieces = [piece for wav in wavs for piece in (gap, wav)][1:]
     return np.concatenate(pieces)
+
+
+def packed_layout(feature_extractor: WhisperFeatureExtractor, second_per_window: float,
+                  second_stride: float) -> tuple[int, int]:
+    """turn_mode packed: (samples per Q-Former window, windows per clip), by the model's rule (models.window_frames)
+    on Whisper's encoder frame rate (hop_length x WHISPER_CONV_STRIDE samples a frame). A clip's last frames, fewer
+    than a window, belong to no window: 30 s at 0.333333 s hold 88 windows of 17 frames (5440 samples)."""
+    samples_per_frame = feature_extractor.hop_length * WHISPER_CONV_STRIDE
+    kernel, stride = window_frames(SAMPLE_RATE / samples_per_frame, second_per_window, second_stride)
+    if kernel != stride:
+        raise ValueError(f"datasets.turn_mode: packed needs Q-Former windows that do not overlap: model.second_stride "
+                         f"({second_stride} s = {stride} encoder frames) must equal model.second_per_window "
+                         f"({second_per_window} s = {kernel} frames)")
+    frames_per_clip = feature_extractor.n_samples // samples_per_frame
+    if not 1 <= kernel <= frames_per_clip:
+        raise ValueError(f"datasets.turn_mode: packed: model.second_per_window {second_per_window} s gives windows of "
+                         f"{kernel} encoder frames; a clip holds {frames_per_clip}")
+    return kernel * samples_per_frame, (frames_per_clip - kernel) // stride + 1
+
+
+def packed_clips(wavs: list[np.ndarray], window_samples: int,
+                 windows_per_clip: int) -> tuple[list[np.ndarray], list[list[tuple[int, int, int]]]]:
+    """turn_mode packed: the turns end to end in clips of `windows_per_clip` windows, each turn zero-padded to whole
+    windows (so the next starts on a boundary, and no window holds two turns); per turn the spans (clip, first
+    window, number of windows) that hold its samples, in order: a turn that does not fit goes on in the next clip."""
+    padded, slots, start = [], [], 0
+    for wav in wavs:
+        count = -(-len(wav) // window_samples)  # ceil: the windows this turn's samples need
+        padded.append(np.pad(wav, (0, count * window_samples - len(wav))))
+        slots.append(window_spans(start, count, windows_per_clip))
+        start += count
+    return split_clips(np.concatenate(padded), window_samples * windows_per_clip), slots
+
+
+def window_spans(first: int, count: int, windows_per_clip: int) -> list[tuple[int, int, int]]:
+    """Windows first .. first + count - 1 of the packed stream as (clip, first window, number of windows) spans."""
+    spans = []
+    while count:
+        clip, window = divmod(first, windows_per_clip)
+        n = min(count, windows_per_clip - window)
+        spans.append((clip, window, n))
+        first, count = first + n, count - n
+    return spans
 
 
 def load_feature_extractor(whisper_path: str | os.PathLike) -> WhisperFeatureExtractor:
@@ -195,7 +244,8 @@ class SalmonnDataset(Dataset):
 
     def __init__(self, annotation: list[dict], feature_extractor: WhisperFeatureExtractor,
                  prompts: dict[str, list[str]], *, training: bool, random_prompts: bool, turn_mode: str,
-                 text_inputs: str, concat_gap_s: float, silence_audio: bool, seed: int):
+                 text_inputs: str, concat_gap_s: float, silence_audio: bool, seed: int,
+                 second_per_window: float, second_stride: float, window_level_Qformer: bool):
         for key, value in (("turn_mode", turn_mode), ("text_inputs", text_inputs)):
             allowed = CHOICES[f"datasets.{key}"]
             if value not in allowed:
@@ -203,6 +253,9 @@ class SalmonnDataset(Dataset):
         if turn_mode == "concat" and text_inputs != "audio":
             raise ValueError("turn_mode concat reproduces the original fine-tune, which shows audio only: "
                              "use text_inputs: audio with it")
+        if turn_mode == "packed" and not window_level_Qformer:
+            raise ValueError("datasets.turn_mode: packed gives each turn its Q-Former windows: it needs "
+                             "model.window_level_Qformer: true")
         self.annotation = annotation
         self.feature_extractor = feature_extractor
         self.prompts = prompts
@@ -213,10 +266,12 @@ class SalmonnDataset(Dataset):
         self.concat_gap_samples = round(concat_gap_s * SAMPLE_RATE)
         self.silence_audio = silence_audio
         self.max_clip_samples = feature_extractor.n_samples  # the encoder's window: 30 s for Whisper
+        self.packed_layout = (packed_layout(feature_extractor, second_per_window, second_stride)
+                              if turn_mode == "packed" else None)  # (samples per window, windows per clip)
         self.seed = seed
         self.epoch = 0
         self.concat_cuts = 0
-        check_prompts_cover(annotation, prompts, per_turn=turn_mode == "per_turn")
+        check_prompts_cover(annotation, prompts, per_turn=turn_mode != "concat")
 
     def set_epoch(self, epoch: int) -> None:
         """Training prompts depend on (seed, epoch, index): set before each epoch for exact resumption."""
@@ -268,11 +323,12 @@ class SalmonnDataset(Dataset):
         shows_transcripts = self.text_inputs != "audio"
         question = entry.get("Q", "") if shows_transcripts else ""  # audio only: the question stays in speech
         prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language), question, rng)
-        if self.turn_mode == "per_turn":
-            clips, slots = per_turn_clips(wavs, self.max_clip_samples)
-            prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
-        else:
+        if self.turn_mode == "concat":
             clips, slots = [self.concatenated(wavs, entry["id"])], [[0]]
+        else:
+            clips, slots = (packed_clips(wavs, *self.packed_layout) if self.turn_mode == "packed"
+                            else per_turn_clips(wavs, self.max_clip_samples))
+            prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
         return {"clips": clips, "slots": slots, "prompt": prompt, "text": entry["text"], "task": entry["task"],
                 "Q": entry.get("Q", ""), "id": entry["id"], "language": language,
                 "emotions": [turn.get("emotion", "") for turn in entry["turns"]]}
@@ -322,7 +378,8 @@ def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], p
 
 
 def collate(items: list[dict]) -> dict[str, Any]:
-    """Items -> the batch of docs/design.md: one row per clip, `speech_slots` mapping samples' slots to rows."""
+    """Items -> the batch of docs/design.md: one row per clip, `speech_slots` mapping samples' slots to rows (a
+    packed turn's (clip, first window, windows) spans keep their windows, their clip moved to its row)."""
     clips = [clip for item in items for clip in item["clips"]]
     lengths = torch.tensor([len(clip) for clip in clips])
     raw_wav = torch.zeros(len(clips), int(lengths.max()))
@@ -330,7 +387,8 @@ def collate(items: list[dict]) -> dict[str, Any]:
         raw_wav[row, :len(clip)] = torch.from_numpy(clip)
     speech_slots, offset = [], 0
     for item in items:
-        speech_slots.append([[offset + c for c in slot] for slot in item["slots"]])
+        speech_slots.append([[(offset + part[0], *part[1:]) if isinstance(part, tuple) else offset + part
+                              for part in slot] for slot in item["slots"]])
         offset += len(item["clips"])
     return {
         "spectrogram": torch.from_numpy(np.concatenate([item["spectrogram"] for item in items])),
@@ -369,6 +427,9 @@ def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *,
         concat_gap_s=float(data["concat_gap_s"]),
         silence_audio=bool(data["silence_audio"]),
         seed=seed,
+        second_per_window=float(model["second_per_window"]),
+        second_stride=float(model["second_stride"]),
+        window_level_Qformer=bool(model["window_level_Qformer"]),
     )
 
 

@@ -90,12 +90,15 @@ def without_unused_sampling(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_model(cfg: DictConfig, device: torch.device, lora_scaling: float | None = None) -> SALMONN:
-    """SALMONN from the `model:` section, on `device`, in eval mode. Missing weights raise FileNotFoundError
-    naming what to download where. Seeded by run.seed: the random-init demo model and sampling repeat."""
+    """SALMONN from the `model:` section, on `device`, in eval mode, its LoRA merged into LLaMA when
+    `model.merge_lora` (after the checkpoint and the LoRA scaling). Missing weights raise FileNotFoundError naming
+    what to download where. Seeded by run.seed: the random-init demo model and sampling repeat."""
     seed_everything(cfg.run.seed)
     model = SALMONN.from_config(cfg.model)
     if lora_scaling is not None:
         model.set_lora_scaling(lora_scaling)
+    if cfg.model.merge_lora:
+        model.merge_lora()
     if not cfg.model.ckpt:
         print(f"warning: {untrained_warning(cfg)}", file=sys.stderr, flush=True)
     return model.to(device).eval()

@@ -263,6 +263,7 @@ class Runner:
             self.model.load_checkpoint_dict(checkpoint, source=str(self.resume_path))
         if self.run_cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
+        self.model.padding_free = self.run_cfg.padding_free  # the training forward packs each micro-batch in one row
         self.wrapped = self._wrap(self.model)
         optims = self.run_cfg.optims
         self.optimizer = torch.optim.AdamW(param_groups(self.wrapped, optims.weight_decay), lr=optims.init_lr,

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run.resume = args.resume
     if args.dryrun:
         cfg = dryrun_config(cfg)
+    if cfg.model.merge_lora:
+        raise ConfigError("model.merge_lora: true is for inference (cli_inference.py, evaluate.py, web_demo.py): "
+                          "train.py trains and validates the LoRA unmerged; set it to false")
     needed = "test_ann_path" if cfg.run.evaluate else "train_ann_path"
     if not cfg.datasets[needed]:
         raise ConfigError(f"datasets.{needed} is empty: nothing to {'decode' if cfg.run.evaluate else 'train on'}")

@@ -230,11 +230,20 @@ def code_version() -> str:
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, size and sha256 of a file: what a score records of the checkpoint it came from. A decode asks twice
-    (to resume, then to record), so the digest is remembered while the file's size and mtime stay the same."""
+    """Path, size and sha256 of a checkpoint: what a score records of the checkpoint it came from. A folder (an
+    exported adapter) is hashed over its files' names and digests, in name order. A decode asks twice (to resume,
+    then to record), so each digest is remembered while its file's size and mtime stay the same."""
     path = Path(path).resolve()
-    stat = path.stat()
-    return {"path": str(path), "bytes": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+    if not path.is_dir():
+        stat = path.stat()
+        return {"path": str(path), "bytes": stat.st_size, "sha256": _sha256(str(path), stat.st_size,
+                                                                          stat.st_mtime_ns)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{_sha256(str(file), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return {"path": str(path), "bytes": sum(f.stat().st_size for f in files), "sha256": digest.hexdigest()}
 
 
 @functools.lru_cache(maxsize=8)

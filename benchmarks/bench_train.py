@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
@@ -170,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     # micro-batches forward only, for the split by module.
     counted = batches[(args.warmup + args.steps) * accum:]
     positions.count = 0
-    with FlopCounterMode(display=False) as counter:
+    # PyTorch's math attention: the counter has no formula for the fused CPU kernel and would count it as 0
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         runner.train_step(counted)
     flops_step = counter.get_total_flops()
     counted_positions = positions.count
-    with FlopCounterMode(display=False) as forward_counter, runner._autocast():  # (its module tracker fails
-        for batch in counted:                                                     # under no_grad)
+    with FlopCounterMode(display=False) as forward_counter, runner._autocast(), sdpa_kernel(SDPBackend.MATH):
+        for batch in counted:  # (with grad: the counter's module tracker fails under no_grad)
             model(batch)
     flops_forward = forward_counter.get_total_flops()
     by_module = module_flops(forward_counter)

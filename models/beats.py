@@ -354,3 +354,17 @@ class BEATs(nn.Module):
         else:
             patch_mask = self.patch_padding_mask(padding_mask, patches.shape[1])
         return self.encoder(patches, patch_mask), patch_mask
+
+
+def random_beats_checkpoint(cfg: dict, seed: int) -> dict:
+    """A BEATs checkpoint as Microsoft's fine-tuned files hold it: the full cfg, the encoder weights under the
+    original names (weight-norm `weight_g`/`weight_v`, the relative-position table shared by every layer) plus
+    the AudioSet head SALMONN skips, and the head's label names (random weights: the tiny default and the
+    real-shape benchmark artifacts)."""
+    torch.manual_seed(seed)
+    beats = BEATs(cfg)
+    cfg = dataclasses.asdict(beats.cfg)
+    head = torch.nn.Linear(cfg["encoder_embed_dim"], cfg["predictor_class"])
+    state = {**beats.state_dict(), **{f"predictor.{k}": v for k, v in head.state_dict().items()}}
+    labels = {i: f"/m/tiny{i:03d}" for i in range(cfg["predictor_class"])}
+    return {"cfg": cfg, "model": state, "label_dict": labels}

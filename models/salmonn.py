@@ -34,11 +34,11 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     WhisperConfig,
-    WhisperModel,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from config import MODEL_DEFAULTS
-from models import SAMPLE_RATE, SPEECH_SLOT
+from models import SAMPLE_RATE, SPEECH_SLOT, window_frames
 from models.beats import BEATs
 from models.tokenizer import SalmonnTokenizer
 
@@ -160,12 +160,17 @@ def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
     return p
 
 
-def _check_loading_info(info: dict, what: str, path: str, ignore: tuple[str, ...] = ()) -> None:
-    missing = sorted(k for k in info.get("missing_keys", []) if not any(s in k for s in ignore))
+def _check_loading_info(info: dict, what: str, path: str) -> None:
+    missing = sorted(info.get("missing_keys", []))
     mismatched = sorted(map(str, info.get("mismatched_keys", [])))
     if missing or mismatched:
         raise RuntimeError(f"{what} at '{path}' does not match its config: missing weights {missing[:10]}, "
                            f"shape mismatches {mismatched[:10]}")
+
+
+class WhisperEncoderOnly(WhisperEncoder):
+    """Whisper's encoder loaded from a whole Whisper folder: the decoder's tensors are left unread."""
+    _keys_to_ignore_on_load_unexpected = [r"^(model\.)?decoder\.", r"^proj_out\."]
 
 
 class SALMONN(nn.Module):
@@ -216,6 +221,7 @@ class SALMONN(nn.Module):
                              "model.freeze_beats: true): a trained encoder's outputs change every step")
         self.encoder_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}  # clip -> (Whisper, BEATs)
         self.targets_cut = 0  # targets cut at max_txt_len, counted for the log
+        self.padding_free = False  # run.padding_free (the Runner sets it): forward packs the batch into one row
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -231,16 +237,19 @@ class SALMONN(nn.Module):
 
     @staticmethod
     def _load_whisper_encoder(path: Path, random_init: bool, dtype: torch.dtype) -> nn.Module:
+        """Whisper's encoder only, in `dtype`: the decoder a Whisper folder also holds (0.9 B parameters in
+        whisper-large-v2) is never built or read."""
         if random_init:
-            config = WhisperConfig.from_pretrained(path, local_files_only=True)
-            return WhisperModel(config).encoder.to(dtype)
+            return WhisperEncoderOnly._from_config(WhisperConfig.from_pretrained(path, local_files_only=True),
+                                                   dtype=dtype)
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise FileNotFoundError(f"no weights in '{path}': download openai/whisper-large-v2 "
                                     "(model.safetensors or pytorch_model.bin) there")
-        model, info = WhisperModel.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                   output_loading_info=True)
-        _check_loading_info(info, "Whisper", str(path), ignore=("decoder.",))
-        return model.encoder
+        encoder, info = WhisperEncoderOnly.from_pretrained(
+            path, local_files_only=True, dtype=dtype, output_loading_info=True,
+            key_mapping={r"^(model\.)?encoder\.": ""})  # WhisperModel or WhisperForConditionalGeneration layout
+        _check_loading_info(info, "Whisper", str(path))
+        return encoder
 
     @staticmethod
     def _read_hop_seconds(path: Path) -> float:
@@ -266,8 +275,9 @@ class SALMONN(nn.Module):
 
     @staticmethod
     def _load_llama(path: Path, cfg: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
-        if cfg["random_init"]:
-            llama = LlamaForCausalLM(LlamaConfig.from_pretrained(path, local_files_only=True)).to(dtype)
+        if cfg["random_init"]:  # built in dtype: a 7B LLaMA built in fp32 and then cast would need 27 GB
+            llama = LlamaForCausalLM._from_config(LlamaConfig.from_pretrained(path, local_files_only=True),
+                                                  dtype=dtype)
         else:
             if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
                 raise FileNotFoundError(f"no weights in '{path}': download the Vicuna/LLaMA weights there")
@@ -320,7 +330,10 @@ class SALMONN(nn.Module):
         enable({"use_reentrant": False})
 
     def train(self, mode: bool = True) -> "SALMONN":
-        """Frozen encoders stay in eval mode (no dropout), as in the original."""
+        """Frozen encoders stay in eval mode (no dropout), as in the original. A merged LoRA cannot train."""
+        if mode and self.cfg.get("lora_merged"):
+            raise RuntimeError("this model's LoRA is merged into the LLaMA weights (model.merge_lora: true, "
+                               "inference only): it cannot be trained; build it with model.merge_lora: false")
         super().train(mode)
         if self.cfg["freeze_whisper"]:
             self.speech_encoder.eval()
@@ -339,6 +352,9 @@ class SALMONN(nn.Module):
     # ------------------------------------------------------------------ checkpoints (original key format)
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained tensors under the original implementation's names (what its tools and ours read)."""
+        if self.cfg.get("lora_merged"):
+            raise RuntimeError("this model's LoRA is merged into the LLaMA weights (model.merge_lora: true): its "
+                               "trained LoRA tensors are gone; save or export with model.merge_lora: false")
         return {to_original_name(n): p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -373,7 +389,12 @@ class SALMONN(nn.Module):
             param.copy_(value.to(param.dtype))
 
     def load_checkpoint(self, path: str | Path) -> dict:
-        """Loads a checkpoint written by the original code or by ours: `{"model": state_dict, ...}`."""
+        """Loads a checkpoint written by the original code or by ours: `{"model": state_dict, ...}`, or a folder
+        written by adapters.export_adapter (peft's LoRA adapter + connector.safetensors)."""
+        if Path(path).is_dir():
+            from adapters import load_adapter  # adapters.py builds on this module
+
+            return load_adapter(self, path)
         ckpt = read_checkpoint(path)
         self.load_checkpoint_dict(ckpt, source=str(path))
         return ckpt
@@ -393,6 +414,9 @@ class SALMONN(nn.Module):
     def set_lora_scaling(self, scale: float) -> None:
         """Inference-time LoRA scaling (alpha / r by default); the SALMONN authors lower it to bring back abilities
         the fine-tune suppressed."""
+        if self.cfg.get("lora_merged"):
+            raise ValueError("the LoRA is merged into the LLaMA weights (model.merge_lora: true) at the scaling it "
+                             "had then: set lora_scaling before merging, or set model.merge_lora: false")
         if not self.cfg["lora"]:
             raise ValueError("lora_scaling is set but the model has no LoRA (model.lora: false)")
         for module in self.llama_model.modules():
@@ -400,13 +424,20 @@ class SALMONN(nn.Module):
                 for adapter in module.scaling:
                     module.scaling[adapter] = float(scale)
 
+    def merge_lora(self) -> None:
+        """Folds the LoRA, at its current scaling, into the frozen LLaMA weights (`model.merge_lora`, inference
+        only): generation then runs plain LLaMA layers without the adapter's extra matmuls. cfg records it
+        (`lora: false`, `lora_merged: true`) so that the model is not scaled, trained or saved as if unmerged."""
+        if not self.cfg["lora"]:
+            raise ValueError("model.merge_lora: true, but the model has no LoRA to merge (model.lora: false, or "
+                             "merged already)")
+        self.llama_model = self.llama_model.merge_and_unload()
+        self.cfg["lora"], self.cfg["lora_merged"] = False, True
+
     # ------------------------------------------------------------------ speech
     def window_size(self, num_frames: int, seconds: float) -> tuple[int, int]:
         """Window kernel and stride in encoder frames, derived from the encoder's frame rate."""
-        frames_per_second = num_frames / seconds
-        kernel = round(frames_per_second * self.cfg["second_per_window"])
-        stride = round(frames_per_second * self.cfg["second_stride"])
-        return kernel, stride
+        return window_frames(num_frames / seconds, self.cfg["second_per_window"], self.cfg["second_stride"])
 
     def encode_speech(self, spectrogram: torch.Tensor, raw_wav: torch.Tensor | None = None,
                       audio_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,9 +540,27 @@ class SALMONN(nn.Module):
         return torch.clamp(torch.ceil(frames / stride), 1, max_windows).long()
 
     # ------------------------------------------------------------------ sequences
-    def _slots_for(self, samples: Mapping[str, Any], num_clips: int) -> list[list[list[int]]]:
+    def _slots_for(self, samples: Mapping[str, Any], num_clips: int) -> list[list[list[Any]]]:
         slots = samples.get("speech_slots")
         return slots if slots is not None else [[[c]] for c in range(num_clips)]
+
+    def _slot_tokens(self, speech: torch.Tensor, atts: torch.Tensor, slot: list[Any],
+                     windows_kept: list[int]) -> torch.Tensor:
+        """One slot's speech tokens [T, D], part after part: a clip row (int) gives all its kept tokens, a span
+        (row, first window, number of windows) of a packed clip exactly those windows' tokens."""
+        Q = self.speech_query_tokens.shape[1]
+        pieces = []
+        for part in slot:
+            if not isinstance(part, (tuple, list)):
+                pieces.append(speech[part][atts[part].bool()])
+                continue
+            row, first, count = part
+            if not self.cfg["window_level_Qformer"] or first < 0 or count < 1 or first + count > windows_kept[row]:
+                raise ValueError(f"speech_slots span (row {row}, first window {first}, {count} windows) is not "
+                                 f"within the {windows_kept[row]} windows of that clip's audio (spans need "
+                                 "model.window_level_Qformer: true)")
+            pieces.append(speech[row, first * Q:(first + count) * Q])
+        return torch.cat(pieces)
 
     def _target_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text + self.cfg["end_sym"])
@@ -553,10 +602,9 @@ class SALMONN(nn.Module):
             add_text(self._target_ids(target), True)
         return torch.cat(parts), torch.cat(labels)
 
-    def _batch_sequences(self, samples: Mapping[str, Any], with_targets: bool,
-                         left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encodes the clips, builds each sample's sequence from its prompt (`samples["prompt"]`, built by the
-        dataset) and pads them: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
+    def _sequences(self, samples: Mapping[str, Any], with_targets: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encodes the clips and builds each sample's sequence from its prompt (`samples["prompt"]`, built by the
+        dataset): per sample (embeds [L_b, D], labels [L_b])."""
         if samples.get("prompt") is None:
             raise ValueError("the batch has no 'prompt': prompts are built by the dataset (dataset_v1.collate)")
         prompts = list(samples["prompt"])
@@ -566,10 +614,16 @@ class SALMONN(nn.Module):
         slots = self._slots_for(samples, speech.shape[0])
         if len(slots) != len(prompts):
             raise ValueError(f"batch has {len(prompts)} prompts but {len(slots)} speech_slots entries")
+        windows_kept = (atts.sum(-1) // self.speech_query_tokens.shape[1]).tolist()  # [C]: a prefix of each clip
         seqs = []
         for b, prompt in enumerate(prompts):
-            slot_embeds = [torch.cat([speech[c][atts[c].bool()] for c in clips]) for clips in slots[b]]
+            slot_embeds = [self._slot_tokens(speech, atts, slot, windows_kept) for slot in slots[b]]
             seqs.append(self._sequence(prompt, slot_embeds, samples["text"][b] if with_targets else None))
+        return seqs
+
+    def _padded(self, seqs: list[tuple[torch.Tensor, torch.Tensor]],
+                left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences padded to the longest: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
         max_len = max(e.shape[0] for e, _ in seqs)
         pad_embed = self.llama_model.get_input_embeddings()(
             torch.tensor([self.tokenizer.pad_id], device=self.device))[0]
@@ -585,12 +639,33 @@ class SALMONN(nn.Module):
                                                           device=self.device))))
         return torch.stack(embeds), torch.stack(masks), torch.stack(labels)
 
+    def _batch_sequences(self, samples: Mapping[str, Any], with_targets: bool,
+                         left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's sequences, padded: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
+        return self._padded(self._sequences(samples, with_targets), left_pad)
+
+    def _packed_row(self, seqs: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`run.padding_free`: the sequences end to end in one row, no padding: embeds [1, sum L, D], position ids
+        [1, sum L] restarting at 0 for each sequence, labels [1, sum L]. Given position ids and no attention mask,
+        transformers reads the restarts as sequence boundaries (masking_utils.find_packed_sequence_indices: a
+        block-diagonal causal mask for sdpa/eager; flash-attention runs varlen from them)."""
+        embeds = torch.cat([e for e, _ in seqs])[None]
+        positions = torch.cat([torch.arange(e.shape[0], device=self.device) for e, _ in seqs])[None]
+        return embeds, positions, torch.cat([lab for _, lab in seqs])[None]
+
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
-        normalise over accumulation steps and ranks."""
-        embeds, mask, labels = self._batch_sequences(samples, with_targets=True, left_pad=False)
-        logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # no KV cache
+        normalise over accumulation steps and ranks. With `padding_free` the batch is one packed row (same loss:
+        each sequence starts with bos, whose label is ignored, so no target is predicted across a boundary)."""
+        seqs = self._sequences(samples, with_targets=True)
+        if self.padding_free:
+            embeds, positions, labels = self._packed_row(seqs)
+            logits = self.llama_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits
+        else:
+            embeds, mask, labels = self._padded(seqs, left_pad=False)
+            logits = self.llama_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # no KV cache
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")

@@ -34,7 +34,17 @@ from metrics import emotion_trajectory_scores, extract_emotions, language_match,
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = "configs/demo_learning.yaml"
-RUNS = {"audio": "false", "audio silenced": "true"}  # run name -> datasets.silence_audio
+RUNS = {"audio": ["datasets.silence_audio=false"], "audio silenced": ["datasets.silence_audio=true"]}
+# --compare-turn-modes: the audio run in each turn mode (README "Turn modes"). The tiny Whisper's window is 5 s
+# (assets/tiny/whisper_5s), so per_turn untrimmed pads each turn to 5 s (14 tokens); concat gets the 30 s window
+# of assets/tiny/whisper, as the original fine-tune cuts the joined turns at 30 s (88 tokens).
+TURN_MODES = {
+    "concat (a)": ["datasets.turn_mode=concat", "model.trim_speech_padding=false",
+                   "model.whisper_path=assets/tiny/whisper"],
+    "per_turn untrimmed (b)": ["datasets.turn_mode=per_turn", "model.trim_speech_padding=false"],
+    "packed + trimmed + padding-free (c)": ["datasets.turn_mode=packed", "model.trim_speech_padding=true",
+                                            "run.padding_free=true"],
+}
 
 
 def run(cmd: list[str]) -> float:
@@ -43,6 +53,15 @@ def run(cmd: list[str]) -> float:
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     return time.time() - start
+
+
+def run_in_rounds(commands: dict[str, list[str]], logs: dict[str, Path], at_once: int) -> dict[str, float]:
+    """`run_together` on `at_once` commands at a time (memory and cores allow only a few side by side)."""
+    names, seconds = list(commands), {}
+    for start in range(0, len(names), at_once):
+        round_names = names[start:start + at_once]
+        seconds |= run_together({n: commands[n] for n in round_names}, {n: logs[n] for n in round_names})
+    return seconds
 
 
 def run_together(commands: dict[str, list[str]], logs: dict[str, Path]) -> dict[str, float]:
@@ -197,6 +216,13 @@ def main() -> None:
     ap.add_argument("--num-dialogues", type=int, default=1200)
     ap.add_argument("--recombined", type=int, default=3000, help="recombined training dialogues to add")
     ap.add_argument("--options", nargs="*", default=[], help="extra config overrides for both runs")
+    ap.add_argument("--compare-turn-modes", action="store_true",
+                    help="instead of audio vs silenced: the audio run in turn modes (a) concat, (b) per_turn "
+                         "untrimmed, (c) packed + trimmed + padding-free, for each --seeds")
+    ap.add_argument("--modes", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"],
+                    help="with --compare-turn-modes: the modes to run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="run.seed of each run")
+    ap.add_argument("--at-once", type=int, default=2, help="trainings run side by side")
     ap.add_argument("--plain-answers", action="store_true",
                     help="every trajectory answer in one plain form instead of varied wording (an ablation)")
     args = ap.parse_args()
@@ -214,36 +240,58 @@ def main() -> None:
     train_ann = write_annotation(ann / "train_mixed.json", mixed)
     test_turns = write_annotation(ann / "test_turns.json", turn_samples(test))
 
-    run_dirs = {name: out / name.replace(" ", "_") for name in RUNS}
+    variants = ({name: settings for name, settings in TURN_MODES.items() if name[-2] in args.modes}
+                if args.compare_turn_modes else RUNS)
+    runs = {(f"{name} seed {seed}" if len(args.seeds) > 1 else name): [*settings, f"run.seed={seed}"]
+            for seed in args.seeds for name, settings in variants.items()}  # a seed's runs side by side
+    run_dirs = {name: out / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
+                for name in runs}
     options = {name: [f"datasets.train_ann_path={train_ann}", f"datasets.valid_ann_path={ann / 'valid.json'}",
-                      f"datasets.test_ann_path={ann / 'test.json'}", f"datasets.silence_audio={silence}",
-                      f"run.output_dir={run_dirs[name]}", *args.options] for name, silence in RUNS.items()}
-    train_s = run_together({name: [sys.executable, "train.py", "--cfg-path", CONFIG, "--options", *options[name]]
-                            for name in RUNS}, {name: run_dirs[name] / "train.log" for name in RUNS})
+                      f"datasets.test_ann_path={ann / 'test.json'}", *settings,
+                      f"run.output_dir={run_dirs[name]}", *args.options] for name, settings in runs.items()}
+    to_train = {name: [sys.executable, "train.py", "--cfg-path", CONFIG, "--options", *options[name]]
+                for name in runs if finished_training_seconds(run_dirs[name]) is None}
+    train_s = run_in_rounds(to_train, {name: run_dirs[name] / "train.log" for name in to_train}, args.at_once)
+    train_s |= {name: finished_training_seconds(run_dirs[name]) for name in runs if name not in to_train}
     evaluations, logs = {}, {}
-    for name in RUNS:
+    for name in runs:
         ckpt = latest_checkpoint(run_dirs[name])
         for kind, ann_path in (("eval", ann / "test.json"), ("eval_turns", test_turns)):
             evaluations[(name, kind)] = [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(ann_path),
                                          "--out-dir", str(run_dirs[name] / kind), "--options", *options[name],
                                          f"model.ckpt={ckpt}"]
             logs[(name, kind)] = run_dirs[name] / f"{kind}.log"
-    run_together(evaluations, logs)
+    run_in_rounds(evaluations, logs, 2 * args.at_once)
 
     rows = {name: {**score(run_dirs[name] / "eval" / "predictions.jsonl", test), "train_s": train_s[name],
                    "turn_recognition": turn_recognition_accuracy(run_dirs[name] / "eval_turns" / "predictions.jsonl")}
-            for name in RUNS}
+            for name in runs}
     chance = chance_levels(train, test)
     report = table(rows, chance, len(test))
     report += f" The whole experiment took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores."
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
     (out / "report.json").write_text(json.dumps({"runs": rows, "chance": chance,
                                                  "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
+    print(report)
+    if args.compare_turn_modes:
+        print(f"wrote {out / 'report.md'} and report.json")
+        return
     plot(rows, chance, out / "report.png")
     export_weights(latest_checkpoint(run_dirs["audio"]), out / "salmonn_tiny.pth")
-    print(report)
     print(f"wrote {out / 'report.md'}, report.json, report.png and salmonn_tiny.pth (the audio run's weights: "
           "assets/tiny/salmonn_tiny.pth, which configs/demo.yaml fine-tunes from, is this file)")
+
+
+def finished_training_seconds(run_dir: Path) -> float | None:
+    """The training time of a run that finished in an earlier call (its log ends with train.py's "done:" line),
+    from the log's first and last timestamps; None when it has not finished: a rerun trains only what is left."""
+    log = run_dir / "train.log"
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
+    done = [line for line in lines if " INFO salmonn.train: done: " in line]
+    if not done:
+        return None
+    stamp = lambda line: time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    return stamp(done[-1]) - stamp(lines[0])
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

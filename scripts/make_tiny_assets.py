@@ -14,7 +14,6 @@ Run: python -m scripts.make_tiny_assets   (running it twice writes byte-identica
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from models import SAMPLE_RATE
-from models.beats import BEATs
+from models.beats import random_beats_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WHISPER_FRAMES_PER_SECOND = 50  # encoder frames: 1500 per 30 s
@@ -112,19 +111,6 @@ def random_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(llama_config(vocab_size))
 
 
-def random_beats_checkpoint(seed: int) -> dict:
-    """A BEATs checkpoint as Microsoft's fine-tuned files hold it: the full cfg, the encoder weights under the
-    original names (weight-norm `weight_g`/`weight_v`, the relative-position table shared by every layer) plus
-    the AudioSet head SALMONN skips, and the head's label names."""
-    torch.manual_seed(seed)
-    beats = BEATs(BEATS_CFG)
-    cfg = dataclasses.asdict(beats.cfg)
-    head = torch.nn.Linear(cfg["encoder_embed_dim"], cfg["predictor_class"])
-    state = {**beats.state_dict(), **{f"predictor.{k}": v for k, v in head.state_dict().items()}}
-    labels = {i: f"/m/tiny{i:03d}" for i in range(cfg["predictor_class"])}
-    return {"cfg": cfg, "model": state, "label_dict": labels}
-
-
 def build_assets(out: Path, vocab_size: int, seed: int) -> None:
     """Writes every tiny asset into `out` (which must be empty or new). Seeds: Whisper `seed`, BEATs `seed + 1`,
     LLaMA `seed + 2`."""
@@ -132,7 +118,7 @@ def build_assets(out: Path, vocab_size: int, seed: int) -> None:
     for folder, seconds, model in (("whisper", 30, whisper), ("whisper_5s", 5, with_window(whisper, 5))):
         model.save_pretrained(out / folder)
         whisper_feature_extractor(seconds).save_pretrained(out / folder)
-    torch.save(random_beats_checkpoint(seed + 1), out / "beats.pt")
+    torch.save(random_beats_checkpoint(BEATS_CFG, seed + 1), out / "beats.pt")
     llama = out / "llama"
     llama.mkdir(parents=True, exist_ok=True)
     (llama / "tokenizer.model").write_bytes(tokenizer_model(vocab_size))

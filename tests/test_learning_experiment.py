@@ -159,3 +159,15 @@ def test_single_turn_chance_counts_the_neutral_questions():
     chance = exp.chance_levels(train, test)
     assert chance["turn_majority"] == pytest.approx(100 / 3)  # neutral, every closing question
     assert chance["majority"] == pytest.approx(50.0)  # scored turns only: sad (first of the tied labels)
+
+
+def test_a_finished_run_is_not_trained_again_and_keeps_its_training_time(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert exp.finished_training_seconds(run) is None  # never started
+    log = run / "train.log"
+    log.write_text("2026-12-02 03:31:42 INFO salmonn.train: config x resolved:\n"
+                   "train:  46%|  1115/2400 [20:28<13:47]\n")
+    assert exp.finished_training_seconds(run) is None  # killed or still running
+    log.write_text(log.read_text() + "2026-12-02 04:15:02 INFO salmonn.train: done: 2400 steps, best {}, 0 skipped\n")
+    assert exp.finished_training_seconds(run) == 43 * 60 + 20

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMod
 
 import train
 from dataset_v1 import build_dataset, collate
+from models.real_size import VICUNA, released_model_config, write_config_folders
 from models.salmonn import SALMONN, CheckpointError, to_original_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,52 +151,29 @@ def test_training_run_with_gradient_checkpointing(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------- 13B / 7B on the meta device
 
-# Vicuna v1.1 (LLaMA) sizes: hidden, layers, heads, intermediate; and LLaMA's published parameter counts.
-LLAMA_SIZES = {"13b": (5120, 40, 40, 13824), "7b": (4096, 32, 32, 11008)}
-LLAMA_PARAMETERS = {"13b": 13_015_864_320, "7b": 6_738_415_616}
-WHISPER_LARGE_V2 = dict(model_type="whisper", d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                        encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
-                        num_mel_bins=80, max_source_positions=1500, max_target_positions=448, vocab_size=51865)
-# BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2 (the keys models/beats.py reads; the rest keep its defaults)
-BEATS_CPT2 = dict(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
-                  relative_position_embedding=True, deep_norm=True, conv_pos=128, conv_pos_groups=16,
-                  input_patch_size=16, embed_dim=512)
+LLAMA_PARAMETERS = {"13b": 13_015_864_320, "7b": 6_738_415_616}  # LLaMA's published parameter counts
+
+
+def llama_size(size: str) -> tuple[int, int]:
+    """hidden size and layer count of the Vicuna release"""
+    return VICUNA[size]["hidden_size"], VICUNA[size]["num_hidden_layers"]
 
 
 @pytest.fixture(scope="module")
 def real_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Config-only folders (no weights) of whisper-large-v2, BEATs cpt2 and Vicuna-13B / 7B."""
-    root = tmp_path_factory.mktemp("real_size")
-    whisper = root / "whisper-large-v2"
-    whisper.mkdir()
-    (whisper / "config.json").write_text(json.dumps(WHISPER_LARGE_V2))
-    shutil.copy(ROOT / "assets/tiny/whisper/preprocessor_config.json", whisper)  # 30 s window
-    beats = root / "beats_cpt2.json"
-    beats.write_text(json.dumps(BEATS_CPT2))
-    folders = {"whisper": whisper, "beats": beats}
-    for size, (hidden, layers, heads, intermediate) in LLAMA_SIZES.items():
-        llama = root / f"vicuna-{size}"
-        llama.mkdir()
-        (llama / "config.json").write_text(json.dumps(dict(
-            model_type="llama", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=intermediate, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)))
-        shutil.copy(ROOT / "assets/tiny/llama/tokenizer.model", llama)  # the tokenizer is not what is checked
-        folders[size] = llama
-    return folders
+    return write_config_folders(tmp_path_factory.mktemp("real_size"))
 
 
 def build_on_meta(folders: dict[str, Path], size: str) -> SALMONN:
-    """The released setting (config.MODEL_DEFAULTS: Q-Former 768/2/12/3072, LoRA 8 on q_proj, v_proj) at real
-    size, its tensors on the meta device: shapes without memory."""
-    cfg = dict(llama_path=str(folders[size]), whisper_path=str(folders["whisper"]), beats_path=str(folders["beats"]),
-               random_init=True, torch_dtype="bfloat16")
+    """The released setting at real size, its tensors on the meta device: shapes without memory."""
     with torch.device("meta"):
-        return SALMONN(cfg)
+        return SALMONN(released_model_config(folders, size))
 
 
 @pytest.fixture(scope="module")
 def meta_models(real_configs) -> dict[str, SALMONN]:
-    return {size: build_on_meta(real_configs, size) for size in LLAMA_SIZES}
+    return {size: build_on_meta(real_configs, size) for size in VICUNA}
 
 
 def released_keys(num_llama_layers: int) -> set[str]:
@@ -217,9 +194,9 @@ def test_meta_build_allocates_nothing(meta_models):
         assert model.llm_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("size", list(LLAMA_SIZES))
+@pytest.mark.parametrize("size", list(VICUNA))
 def test_real_size_trained_keys_are_the_released_ones_with_their_shapes(meta_models, size):
-    hidden, layers, _, _ = LLAMA_SIZES[size]
+    hidden, layers = llama_size(size)
     model = meta_models[size]
     shapes = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
     assert set(shapes) == released_keys(layers)
@@ -240,7 +217,7 @@ def test_real_size_parameter_counts(meta_models):
     (Q-Former, query, layer norms) does not depend on the LLM."""
     encoder_side = {}
     for size, model in meta_models.items():
-        hidden, layers, _, _ = LLAMA_SIZES[size]
+        hidden, layers = llama_size(size)
         llama = model.llama_model.get_base_model()
         base = sum(p.numel() for n, p in llama.named_parameters() if ".lora_" not in n)
         assert base == LLAMA_PARAMETERS[size]
@@ -261,3 +238,49 @@ def test_13b_checkpoint_into_the_7b_model_names_the_key_and_both_shapes(meta_mod
     key, shape_ckpt, shape_model = found[1], found[2], found[3]
     assert shape_ckpt == ", ".join(map(str, state_13b[key].shape))
     assert shape_model == ", ".join(map(str, shapes_7b[key])) and shape_ckpt != shape_model
+
+
+# ------------------------------------------------------------------------------------------ loading without waste
+
+
+@pytest.mark.parametrize("layout", ["WhisperModel", "WhisperForConditionalGeneration"])
+def test_whisper_loads_its_encoder_only_in_dtype_with_the_weights_of_the_whole_model(tmp_path, layout):
+    """The encoder-only load reads the same tensors as loading the whole Whisper and keeping its encoder, from
+    either layout a Whisper folder comes in (whisper-large-v2's file is WhisperForConditionalGeneration's)."""
+    import transformers
+
+    folder = ROOT / "assets/tiny/whisper"
+    if layout != "WhisperModel":
+        getattr(transformers, layout).from_pretrained(folder).save_pretrained(tmp_path)
+        (tmp_path / "preprocessor_config.json").write_bytes((folder / "preprocessor_config.json").read_bytes())
+        folder = tmp_path
+    whole = transformers.WhisperModel.from_pretrained(ROOT / "assets/tiny/whisper", dtype=torch.bfloat16).encoder
+    encoder = SALMONN._load_whisper_encoder(folder, random_init=False, dtype=torch.bfloat16)
+    assert not any("decoder" in n for n, _ in encoder.named_modules())
+    expected = whole.state_dict()
+    assert set(encoder.state_dict()) == set(expected)
+    for name, tensor in encoder.state_dict().items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
+
+
+def test_random_init_builds_in_torch_dtype():
+    """No fp32 copy of the frozen weights is ever made (a 7B LLaMA built in fp32 first would need 27 GB)."""
+    made: list[torch.dtype] = []
+    original = torch.nn.Linear.reset_parameters
+
+    def record(self):
+        made.append(self.weight.dtype)
+        original(self)
+
+    cfg = dict(llama_path=str(ROOT / "assets/tiny/llama"), whisper_path=str(ROOT / "assets/tiny/whisper"),
+               beats_path="", random_init=True, torch_dtype="bfloat16", lora=False)
+    torch.nn.Linear.reset_parameters = record
+    try:
+        model = SALMONN(cfg)
+    finally:
+        torch.nn.Linear.reset_parameters = original
+    frozen = [*model.llama_model.parameters(), *model.speech_encoder.parameters()]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    n_frozen_linears = sum(isinstance(m, torch.nn.Linear) for m in [*model.llama_model.modules(),
+                                                                   *model.speech_encoder.modules()])
+    assert made.count(torch.bfloat16) == n_frozen_linears  # each built in bf16, none in fp32 then cast
