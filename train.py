@@ -20,7 +20,7 @@ from dataset_v1 import AnnotationError, AudioError
 from models.salmonn import CheckpointError
 from prompting import PromptError
 from runner import NonFiniteLossError, Runner, build_datasets, build_model, check_fresh_output_dir
-from utils import destroy_distributed, init_distributed, seed_everything, setup_logging
+from utils import barrier, destroy_distributed, init_distributed, seed_everything, setup_logging
 
 log = logging.getLogger("salmonn.train")
 
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = runner.train()
             log.info("done: %d steps, best %s, %d skipped steps", summary["step"], summary["best"],
                      summary["skipped_steps"])
+        barrier()  # every rank done before teardown: gloo torn down under a finishing peer can abort it at exit
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 1
