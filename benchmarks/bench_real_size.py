@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import WhisperModel
 
 from benchmarks.bench_inference import TokenClock
+from benchmarks.bench_train import cpu_name
 from config import load_config
 from dataset_v1 import build_dataset, collate, read_annotation
 from models.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
@@ -70,8 +70,8 @@ def reset_peak() -> None:
 class Phase:
     """Times a block and records its peak and final resident memory in GiB (peak counted from the block's start)."""
 
-    def __init__(self, results: dict[str, Any], name: str):
-        self.results, self.name = results, name
+    def __init__(self, results: dict[str, Any], name: str, json_path: Path):
+        self.results, self.name, self.json_path = results, name, json_path
 
     def __enter__(self) -> "Phase":
         reset_peak()
@@ -85,17 +85,9 @@ class Phase:
         self.results[self.name] = {"seconds": round(seconds, 2), "rss_before_gib": round(self.start_gib, 2),
                                    "peak_rss_gib": round(memory["VmHWM"] / 2**20, 2),
                                    "rss_after_gib": round(memory["VmRSS"] / 2**20, 2)}
-        if "json" in self.results:  # kept after every phase: a run killed later keeps what it measured
-            Path(self.results["json"]).write_text(json.dumps(self.results, indent=2))
+        self.json_path.write_text(json.dumps(self.results, indent=2))  # a run killed later keeps what it measured
         print(f"{self.name:<62} {seconds:8.1f} s   peak {memory['VmHWM'] / 2**20:6.2f} GiB   after "
               f"{memory['VmRSS'] / 2**20:6.2f} GiB", flush=True)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def five_turn_index(ann_path: Path) -> int:
@@ -137,12 +129,12 @@ def step_phases(marks: dict[str, list[float]]) -> dict[str, float]:
             "optimizer_s": round(last["step_end"] - last["step_start"], 2)}
 
 
-def compare_whisper_loading(folder: Path, results: dict[str, Any]) -> None:
+def compare_whisper_loading(folder: Path, results: dict[str, Any], json_path: Path) -> None:
     """Peak memory of the old path (the whole Whisper, decoder included, then its encoder) and of ours."""
-    with Phase(results, "whisper: whole model, keep encoder"):
+    with Phase(results, "whisper: whole model, keep encoder", json_path):
         encoder = WhisperModel.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).encoder
     del encoder
-    with Phase(results, "whisper: encoder only (ours)"):
+    with Phase(results, "whisper: encoder only (ours)", json_path):
         encoder = SALMONN._load_whisper_encoder(folder, random_init=False, dtype=torch.bfloat16)
     del encoder
 
@@ -172,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out / 'bench_real_size.json'} exists (choose another --out)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "bench_real_size.json"
 
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, "
-                               f"{torch.get_num_threads()} threads", "torch": torch.__version__, "llm": args.llm,
-                               "json": str(out / "bench_real_size.json")}
+                               f"{torch.get_num_threads()} threads", "torch": torch.__version__, "llm": args.llm}
     results["baseline_rss_gib"] = round(memory_kib()["VmRSS"] / 2**20, 2)
-    compare_whisper_loading(paths["whisper_path"], results)
+    compare_whisper_loading(paths["whisper_path"], results, json_path)
 
     options = [f"model.{k}={v}" for k, v in paths.items()] + [
         f"datasets.train_ann_path={DIALOGUE_ANN}", "datasets.valid_ann_path=", "datasets.test_ann_path=",
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = init_distributed("cpu")
     setup_logging(None, dist_info.rank)
     seed_everything(cfg.run.seed)
-    with Phase(results, "build + load checkpoint (bf16)"):
+    with Phase(results, "build + load checkpoint (bf16)", json_path):
         model = build_model(cfg)
     results["parameters"] = sum(p.numel() for p in model.parameters())
     results["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -214,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         counter = FlopCounterMode(display=False) if args.count_flops else contextlib.nullcontext()
         # counting: PyTorch's math attention, as the counter has no formula for the fused CPU kernel
         attention = sdpa_kernel(SDPBackend.MATH) if args.count_flops else contextlib.nullcontext()
-        with Phase(results, name), counter, attention:
+        with Phase(results, name, json_path), counter, attention:
             step = runner.train_step([batch])
         results[name] |= step_phases(marks) | {"loss": round(step.loss, 4), "llm_positions": positions[-1]}
         if args.count_flops:
@@ -227,16 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                 "do_sample": False}
     model.eval()
     clock = TokenClock(torch.device("cpu"))
-    with Phase(results, f"generate {args.new_tokens} tokens"):
+    with Phase(results, f"generate {args.new_tokens} tokens", json_path):
         start = time.perf_counter()
         model.generate(prompt_batch, settings, streamer=clock)
     results[f"generate {args.new_tokens} tokens"] |= {
         "ttft_s": round(clock.times[0] - start, 2),
         "tpot_s": round((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1), 3)}
 
-    (out / "bench_real_size.json").write_text(json.dumps(results, indent=2))
+    json_path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"wrote {out / 'bench_real_size.json'}")
+    print(f"wrote {json_path}")
     return 0
 
 

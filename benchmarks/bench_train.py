@@ -82,6 +82,14 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
+def cpu_name() -> str:
+    """The processor's model name and core count, for the figures' record."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{names[0]} ({len(names)} cores)" if names else "CPU"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -70,6 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from benchmarks.bench_inference import TokenClock
+from benchmarks.bench_train import cpu_name
 from config import load_config
 from dataset_v1 import SalmonnDataset, build_dataset, collate
 from models.beats import BEATs
@@ -489,13 +490,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.batch, args.rounds, args.repeats) < 1 or args.dialogues < 0:
         parser.error("--batch, --rounds and --repeats must be >= 1, --dialogues >= 0")
     return args
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    return f"{names[0]} ({len(names)} cores)" if names else "CPU"
 
 
 def wall_time(mode: Mode) -> dict[str, float]:

@@ -284,3 +284,27 @@ def test_random_init_builds_in_torch_dtype():
     n_frozen_linears = sum(isinstance(m, torch.nn.Linear) for m in [*model.llama_model.modules(),
                                                                    *model.speech_encoder.modules()])
     assert made.count(torch.bfloat16) == n_frozen_linears  # each built in bf16, none in fp32 then cast
+
+
+def test_the_real_size_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
+    """benchmarks.bench_real_size on the tiny default laid out under the real names: every phase measured,
+    the JSON written, and a second run into the same folder refused."""
+    from benchmarks import bench_real_size
+    from models.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    tiny = ROOT / "assets/tiny"
+    for name, target in ((WHISPER_FOLDER, tiny / "whisper_5s"), (VICUNA_FOLDER["7b"], tiny / "llama"),
+                         (f"{BEATS_FILE}.pt", tiny / "beats.pt"), (RELEASED_CHECKPOINT["7b"], tiny / "salmonn_tiny.pth")):
+        (assets / name).symlink_to(target)
+    args = ["--assets", str(assets), "--cfg-path", str(ROOT / "configs/demo.yaml"), "--out", str(tmp_path / "out"),
+            "--new-tokens", "3"]
+    assert bench_real_size.main(args) == 0
+    results = json.loads((tmp_path / "out/bench_real_size.json").read_text())
+    steps = [k for k in results if k.startswith("train step")]
+    assert len(steps) == 3 and all(results[k]["peak_rss_gib"] >= results[k]["rss_before_gib"] for k in steps)
+    per_turn, packed = results[steps[0]], results[steps[1]]
+    assert packed["llm_positions"] < per_turn["llm_positions"]  # trimmed, packed: fewer speech tokens
+    assert results["generate 3 tokens"]["tpot_s"] >= 0
+    assert bench_real_size.main(args) == 2
