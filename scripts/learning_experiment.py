@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from labels import EMOTIONS, LABEL_WORDS, canonical_emotion, trajectory_summary
-from metrics import emotion_trajectory_scores, extract_emotions, language_match, scored_turns
+from metrics import aligned_emotions, emotion_trajectory_scores, extract_emotions, language_match, scored_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,13 +37,15 @@ CONFIG = "configs/demo_learning.yaml"
 RUNS = {"audio": ["datasets.silence_audio=false"], "audio silenced": ["datasets.silence_audio=true"]}
 # --compare-turn-modes: the audio run in each turn mode (README "Turn modes"). The tiny Whisper's window is 5 s
 # (assets/tiny/whisper_5s), so per_turn untrimmed pads each turn to 5 s (14 tokens); concat gets the 30 s window
-# of assets/tiny/whisper, as the original fine-tune cuts the joined turns at 30 s (88 tokens).
+# of assets/tiny/whisper, as the original fine-tune cuts the joined turns at 30 s (88 tokens). (d) separates
+# trimming from packing: (c)'s variable-length slots without sharing clips.
 TURN_MODES = {
     "concat (a)": ["datasets.turn_mode=concat", "model.trim_speech_padding=false",
                    "model.whisper_path=assets/tiny/whisper"],
     "per_turn untrimmed (b)": ["datasets.turn_mode=per_turn", "model.trim_speech_padding=false"],
     "packed + trimmed + padding-free (c)": ["datasets.turn_mode=packed", "model.trim_speech_padding=true",
                                             "run.padding_free=true"],
+    "per_turn trimmed (d)": ["datasets.turn_mode=per_turn", "model.trim_speech_padding=true"],
 }
 
 
@@ -189,7 +191,32 @@ def score(predictions: Path, test: list[dict]) -> dict[str, float]:
     answers = [by_id[e["id"]]["prediction"] for e in test]
     scores = emotion_trajectory_scores(gold, answers)
     return {"turn_accuracy": scores.turn_accuracy, "exact_match": scores.exact_match,
+            "by_position": accuracy_by_position(gold, answers),
             "language_match": language_match(answers, [e["language"] for e in test])}
+
+
+def accuracy_by_position(gold: list[list[str]], answers: list[str]) -> list[float]:
+    """Per-turn accuracy at each scored turn position (1st, 2nd, ...), the metric's own alignment: a model that
+    hears every turn but routes the later ones badly shows it here, not in single-turn recognition."""
+    hits: dict[int, list[bool]] = {}
+    for labels, answer in zip(gold, answers):
+        expected = scored_turns([canonical_emotion(label) for label in labels])
+        for k, (label, slot) in enumerate(zip(expected, aligned_emotions(answer, len(expected)))):
+            hits.setdefault(k, []).append(label in slot)
+    return [100.0 * sum(hits[k]) / len(hits[k]) for k in sorted(hits)]
+
+
+def seed_summary(rows: dict[str, dict], variant_of: dict[str, str]) -> dict[str, dict[str, list[float]]]:
+    """Per variant, each score over its seeds as [mean, lowest, highest]: with seeds this far apart (the tiny
+    model routes turns well at one seed and badly at another), one run per mode says little."""
+    summary: dict[str, dict[str, list[float]]] = {}
+    for variant in dict.fromkeys(variant_of.values()):
+        runs = [rows[name] for name, v in variant_of.items() if v == variant]
+        summary[variant] = {key: [sum(r[key] for r in runs) / len(runs), min(r[key] for r in runs),
+                                  max(r[key] for r in runs)]
+                            for key in ("turn_accuracy", "exact_match", "turn_recognition")}
+        summary[variant]["seeds"] = len(runs)
+    return summary
 
 
 def turn_recognition_accuracy(predictions: Path) -> float:
@@ -199,15 +226,28 @@ def turn_recognition_accuracy(predictions: Path) -> float:
     return 100.0 * sum(hits) / len(hits)
 
 
-def table(rows: dict[str, dict[str, float]], chance: dict[str, float], n_test: int) -> str:
+def table(rows: dict[str, dict], chance: dict[str, float], n_test: int) -> str:
     lines = ["| run | trajectory: per-turn accuracy | trajectory: exact sequence | single-turn recognition "
-             "| language match | training time |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| per turn, by position | language match | training time |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for name, r in rows.items():
+        positions = " / ".join(f"{a:.0f}" for a in r["by_position"])
         lines.append(f"| {name} | {r['turn_accuracy']:.1f} % | {r['exact_match']:.1f} % "
-                     f"| {r['turn_recognition']:.1f} % | {r['language_match']:.1f} % | {r['train_s'] / 60:.1f} min |")
+                     f"| {r['turn_recognition']:.1f} % | {positions} % | {r['language_match']:.1f} % "
+                     f"| {r['train_s'] / 60:.1f} min |")
     lines.append(f"| chance: uniform / majority label | {chance['uniform']:.1f} % / {chance['majority']:.1f} % "
-                 f"| ~0 % | {chance['uniform']:.1f} % / {chance['turn_majority']:.1f} % | - | - |")
+                 f"| ~0 % | {chance['uniform']:.1f} % / {chance['turn_majority']:.1f} % | - | - | - |")
     return "\n".join(lines) + f"\n\n({n_test} held-out dialogues)"
+
+
+def summary_table(summary: dict[str, dict]) -> str:
+    """`seed_summary` as a table: mean (lowest-highest) of each score."""
+    lines = ["| mode | seeds | per turn: mean (range) | exact sequence | single turn |", "| --- | ---: | --- | --- | --- |"]
+    for variant, s in summary.items():
+        cells = [f"{m:.1f} % ({lo:.1f}-{hi:.1f})" for m, lo, hi in
+                 (s["turn_accuracy"], s["exact_match"], s["turn_recognition"])]
+        lines.append(f"| {variant} | {s['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -218,8 +258,8 @@ def main() -> None:
     ap.add_argument("--options", nargs="*", default=[], help="extra config overrides for both runs")
     ap.add_argument("--compare-turn-modes", action="store_true",
                     help="instead of audio vs silenced: the audio run in turn modes (a) concat, (b) per_turn "
-                         "untrimmed, (c) packed + trimmed + padding-free, for each --seeds")
-    ap.add_argument("--modes", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"],
+                         "untrimmed, (c) packed + trimmed + padding-free, (d) per_turn trimmed, for each --seeds")
+    ap.add_argument("--modes", nargs="+", choices=["a", "b", "c", "d"], default=["a", "b", "c"],
                     help="with --compare-turn-modes: the modes to run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="run.seed of each run")
     ap.add_argument("--at-once", type=int, default=2, help="trainings run side by side")
@@ -242,8 +282,10 @@ def main() -> None:
 
     variants = ({name: settings for name, settings in TURN_MODES.items() if name[-2] in args.modes}
                 if args.compare_turn_modes else RUNS)
-    runs = {(f"{name} seed {seed}" if len(args.seeds) > 1 else name): [*settings, f"run.seed={seed}"]
-            for seed in args.seeds for name, settings in variants.items()}  # a seed's runs side by side
+    planned = [((f"{name} seed {seed}" if len(args.seeds) > 1 else name), name, seed)
+               for seed in args.seeds for name in variants]  # a seed's runs side by side
+    runs = {run: [*variants[name], f"run.seed={seed}"] for run, name, seed in planned}
+    variant_of = {run: name for run, name, _ in planned}
     run_dirs = {name: out / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
                 for name in runs}
     options = {name: [f"datasets.train_ann_path={train_ann}", f"datasets.valid_ann_path={ann / 'valid.json'}",
@@ -269,12 +311,17 @@ def main() -> None:
     chance = chance_levels(train, test)
     report = table(rows, chance, len(test))
     report += f" The whole experiment took {(time.time() - started) / 60:.1f} min on {os.cpu_count()} cores."
-    (out / "report.md").write_text(report + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"runs": rows, "chance": chance,
-                                                 "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
+    summary = seed_summary(rows, variant_of) if len(args.seeds) > 1 else None
+    if summary:
+        report += "\n\n" + summary_table(summary)
+    # one report per set of modes, so a second --compare-turn-modes call beside the first keeps both
+    name = f"report_modes_{''.join(args.modes)}" if args.compare_turn_modes else "report"
+    (out / f"{name}.md").write_text(report + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps({"runs": rows, "seed_summary": summary, "chance": chance,
+                                                  "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
     print(report)
     if args.compare_turn_modes:
-        print(f"wrote {out / 'report.md'} and report.json")
+        print(f"wrote {out / name}.md and {name}.json")
         return
     plot(rows, chance, out / "report.png")
     export_weights(latest_checkpoint(run_dirs["audio"]), out / "salmonn_tiny.pth")

@@ -171,3 +171,20 @@ def test_a_finished_run_is_not_trained_again_and_keeps_its_training_time(tmp_pat
     assert exp.finished_training_seconds(run) is None  # killed or still running
     log.write_text(log.read_text() + "2026-12-02 04:15:02 INFO salmonn.train: done: 2400 steps, best {}, 0 skipped\n")
     assert exp.finished_training_seconds(run) == 43 * 60 + 20
+
+
+def test_accuracy_by_position_scores_each_turn_position_apart():
+    gold = [["sad", "happy", "neutral"], ["anger", "fear", "sad", "neutral"]]
+    answers = ["sad, then happy.", "angry, then sad, then sad."]  # 2nd dialogue: fear missed at position 2
+    assert exp.accuracy_by_position(gold, answers) == pytest.approx([100.0, 50.0, 100.0])
+    # the score's own per-turn accuracy is the turn-weighted mean of the positions
+    assert emotion_trajectory_scores(gold, answers).turn_accuracy == pytest.approx(100 * 4 / 5)
+
+
+def test_seed_summary_gives_mean_and_range_per_mode():
+    rows = {f"{mode} seed {seed}": {"turn_accuracy": acc, "exact_match": acc / 2, "turn_recognition": 80.0}
+            for mode, seed, acc in [("b", 42, 74.0), ("b", 0, 78.0), ("c", 42, 52.0), ("c", 0, 66.0), ("c", 1, 70.0)]}
+    summary = exp.seed_summary(rows, {name: name.split(" seed ")[0] for name in rows})
+    assert summary["b"]["turn_accuracy"] == pytest.approx([76.0, 74.0, 78.0]) and summary["b"]["seeds"] == 2
+    assert summary["c"]["exact_match"] == pytest.approx([31.333333, 26.0, 35.0]) and summary["c"]["seeds"] == 3
+    assert "| c | 3 | 62.7 % (52.0-70.0) |" in exp.summary_table(summary)
