@@ -315,13 +315,14 @@ def main() -> None:
     if summary:
         report += "\n\n" + summary_table(summary)
     # one report per set of modes, so a second --compare-turn-modes call beside the first keeps both
-    name = f"report_modes_{''.join(args.modes)}" if args.compare_turn_modes else "report"
-    (out / f"{name}.md").write_text(report + "\n", encoding="utf-8")
-    (out / f"{name}.json").write_text(json.dumps({"runs": rows, "seed_summary": summary, "chance": chance,
-                                                  "held_out_dialogues": len(test)}, indent=1), encoding="utf-8")
+    report_name = f"report_modes_{''.join(args.modes)}" if args.compare_turn_modes else "report"
+    (out / f"{report_name}.md").write_text(report + "\n", encoding="utf-8")
+    (out / f"{report_name}.json").write_text(json.dumps({"runs": rows, "seed_summary": summary, "chance": chance,
+                                                         "held_out_dialogues": len(test)}, indent=1),
+                                              encoding="utf-8")
     print(report)
     if args.compare_turn_modes:
-        print(f"wrote {out / name}.md and {name}.json")
+        print(f"wrote {out / report_name}.md and {report_name}.json")
         return
     plot(rows, chance, out / "report.png")
     export_weights(latest_checkpoint(run_dirs["audio"]), out / "salmonn_tiny.pth")
