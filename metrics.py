@@ -237,6 +237,12 @@ def scored_turns(gold: list[str]) -> list[str]:
     return gold[:-1] if len(gold) > 1 and gold[-1] == "neutral" else gold
 
 
+def turn_hits(gold: list[str], answer: str) -> list[bool]:
+    """Per scored gold turn, in order: whether the answer's slot for it names its label."""
+    expected = scored_turns([canonical_emotion(label) for label in gold])
+    return [label in slot for label, slot in zip(expected, aligned_emotions(answer, len(expected)))]
+
+
 @dataclass(frozen=True)
 class TrajectoryScores:
     exact_match: float      # % of samples whose every scored turn is right
@@ -255,11 +261,10 @@ def emotion_trajectory_scores(gold: list[list[str]], answers: list[str]) -> Traj
     _check_pairs(gold, answers)
     exact, correct, turns = 0, 0, 0
     for labels, answer in zip(gold, answers):
-        expected = scored_turns([canonical_emotion(label) for label in labels])
-        hits = [label in slot for label, slot in zip(expected, aligned_emotions(answer, len(expected)))]
+        hits = turn_hits(labels, answer)
         exact += all(hits)
         correct += sum(hits)
-        turns += len(expected)
+        turns += len(hits)
     if turns == 0:
         raise ValueError("no gold emotion labels to score")
     return TrajectoryScores(exact_match=100.0 * exact / len(gold), turn_accuracy=100.0 * correct / turns,

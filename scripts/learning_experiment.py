@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from labels import EMOTIONS, LABEL_WORDS, canonical_emotion, trajectory_summary
-from metrics import aligned_emotions, emotion_trajectory_scores, extract_emotions, language_match, scored_turns
+from metrics import emotion_trajectory_scores, extract_emotions, language_match, scored_turns, turn_hits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,9 +200,8 @@ def accuracy_by_position(gold: list[list[str]], answers: list[str]) -> list[floa
     hears every turn but routes the later ones badly shows it here, not in single-turn recognition."""
     hits: dict[int, list[bool]] = {}
     for labels, answer in zip(gold, answers):
-        expected = scored_turns([canonical_emotion(label) for label in labels])
-        for k, (label, slot) in enumerate(zip(expected, aligned_emotions(answer, len(expected)))):
-            hits.setdefault(k, []).append(label in slot)
+        for k, hit in enumerate(turn_hits(labels, answer)):
+            hits.setdefault(k, []).append(hit)
     return [100.0 * sum(hits[k]) / len(hits[k]) for k in sorted(hits)]
 
 
