@@ -1,4 +1,4 @@
-"""A trained SALMONN as a folder the ecosystem reads: peft's LoRA adapter, which loads onto the plain LLaMA with
+"""A trained SALMONN as a folder the ecosystem reads: peft's LoRA adapter, which loads onto the plain LLM with
 `PeftModel.from_pretrained`, and beside it the speech connector in safetensors. `model.ckpt: <folder>` loads it
 back (SALMONN.load_checkpoint).
 
@@ -68,9 +68,9 @@ def export_adapter(model: SALMONN, out_dir: str | Path, source: str) -> Path:
     connector = {k: v.contiguous() for k, v in state.items() if not k.startswith(LLM_PREFIX)}
     outside_adapter = sorted(set(state) - set(connector) - set(lora.values()))
     if outside_adapter:
-        raise ValueError(f"LLaMA tensors that train outside the LoRA adapter cannot be exported: {outside_adapter[:5]}")
+        raise ValueError(f"LLM tensors that train outside the LoRA adapter cannot be exported: {outside_adapter[:5]}")
 
-    model.llama_model.peft_config["default"].base_model_name_or_path = model.cfg["llama_path"]  # local, no hub id
+    model.llama_model.peft_config["default"].base_model_name_or_path = model.cfg["llm_path"]  # local, no hub id
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
     partial.mkdir()

@@ -26,7 +26,9 @@ REQUIRED = "???"  # OmegaConf's marker for a value that must be given
 # The model section (models/salmonn.py reads it). Keys keep the original implementation's meaning; the paths are
 # local folders/files only (nothing is fetched from a hub).
 MODEL_DEFAULTS: dict[str, Any] = dict(
-    llama_path="", whisper_path="", beats_path="",  # Vicuna/LLaMA folder, whisper-large-v2 folder, BEATs .pt
+    llm_path="",  # any Hugging Face causal-LM folder: Vicuna (the released checkpoints), Qwen2.5/3, Llama-3, ...
+    llama_path="",  # the original's name for llm_path, still read (give one of the two)
+    whisper_path="", beats_path="",  # whisper-large-v2 folder, BEATs .pt
     ckpt="",  # salmonn_v1.pth / salmonn_7b_v0.pth or a checkpoint of ours: the trained tensors
     random_init=False,  # build every component from its config with random weights (tiny default only)
     freeze_whisper=True, freeze_beats=True, freeze_speech_QFormer=False, freeze_speech_llama_proj=False,
@@ -44,8 +46,13 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     multi_prompt=True,  # training: a random prompt of the task per sample (seeded by seed, epoch, index);
                         # false: always the task's first prompt. Evaluation always uses the first.
     prompt_path="", test_prompt_path="",  # task -> prompts (training / evaluation)
-    prompt_template="USER: {}\nASSISTANT:",  # the chat template each prompt is wrapped in once
-    max_txt_len=128, end_sym="</s>",
+    chat_template="auto",  # auto: the LLM folder's own chat template when it has one (real turns, its end-of-turn
+                           # token), else prompt_template | prompt_template: always prompt_template
+    prompt_template="USER: {}\nASSISTANT:",  # the original's wrap of one user message (LLMs without a chat template)
+    system_prompt="",  # a system message before the conversation ('' = the template's own default, if any)
+    enable_thinking=False,  # Qwen3-style thinking block: off = the template's empty think block
+    max_txt_len=128,  # target tokens, end token included (longer targets are cut with a warning)
+    end_sym="",  # the token that ends an answer; '' = the LLM's own (chat template's end of turn, else eos)
     low_resource=False,  # the original's 8-bit LLaMA: refused (use torch_dtype)
     torch_dtype="float32",  # dtype of the frozen Whisper, BEATs and LLaMA weights; trained tensors stay fp32
 )
@@ -54,7 +61,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
 # A default of None accepts any type; otherwise the value must have the default's type (int is accepted
 # where a float is expected).
 SCHEMA: dict[str, dict[str, Any]] = {
-    "model": {**MODEL_DEFAULTS, "llama_path": REQUIRED, "whisper_path": REQUIRED},
+    "model": {**MODEL_DEFAULTS, "whisper_path": REQUIRED},
     "datasets": {
         "train_ann_path": "",  # annotation JSON written by convert.py (relative audio paths: its folder)
         "valid_ann_path": "",
@@ -162,6 +169,7 @@ RETIRED: dict[str, str] = {
 # Keys whose value must be one of a few words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.torch_dtype": ("float32", "bfloat16", "float16"),
+    "model.chat_template": ("auto", "prompt_template"),
     "datasets.turn_mode": ("per_turn", "concat", "packed"),
     "datasets.text_inputs": ("audio", "audio+transcript", "audio+transcript+replies"),
     "run.device": ("auto", "cuda", "cpu"),
@@ -199,6 +207,8 @@ def load_config(cfg_path: str | list[str], options: list[str] | None = None,
         if section in user_dict:
             given = user_dict[section] if user_dict[section] is not None else {}
             resolved[section] = _fill_section(given, schema, prefix=section)
+            if section == "model":
+                resolved[section] = with_llm_path(resolved[section], required=True)
         elif section in ALWAYS_PRESENT:
             resolved[section] = _fill_section({}, schema, prefix=section)
     for section in required_sections:
@@ -278,4 +288,18 @@ def section_defaults(section: str, given: Any = None) -> dict[str, Any]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown {section} key(s): {', '.join(unknown)}")
-    return {**defaults, **given}
+    filled = {**defaults, **given}
+    return with_llm_path(filled) if section == "model" else filled
+
+
+def with_llm_path(model: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    """The model section with `llm_path` taken from `llama_path` (the original's name for it) when only that is
+    given: the code reads llm_path alone."""
+    llm, llama = model.get("llm_path") or "", model.get("llama_path") or ""
+    if llm and llama and llm != llama:
+        raise ConfigError(f"model.llm_path ({llm!r}) and model.llama_path, its original name ({llama!r}), name "
+                          "different folders: give one of them")
+    if required and not (llm or llama):
+        raise ConfigError("required config key `model.llm_path` is missing (the LLM folder; `model.llama_path` in "
+                          "the original's configs)")
+    return {**model, "llm_path": llm or llama, "llama_path": ""}

@@ -52,7 +52,9 @@ from transformers import WhisperFeatureExtractor
 
 from config import CHOICES, section_defaults
 from models import SAMPLE_RATE, SPEECH_SLOT, WHISPER_CONV_STRIDE, window_frames
-from prompting import PromptError, TurnText, choose_prompt, expand_turns, load_prompts, prompt_key, question_prompt
+from models.llm import IGNORE_INDEX, ChatText
+from prompting import (PromptError, TurnText, choose_prompt, conversation, expand_turns, load_prompts, prompt_key,
+                       question_messages)
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ class SalmonnDataset(Dataset):
     """Dialogue and single-clip entries -> items of clips, speech slots and prompt; `collate` makes a batch."""
 
     def __init__(self, annotation: list[dict], feature_extractor: WhisperFeatureExtractor,
-                 prompts: dict[str, list[str]], *, training: bool, random_prompts: bool, turn_mode: str,
+                 prompts: dict[str, list[str]], text: ChatText, *, training: bool, random_prompts: bool, turn_mode: str,
                  text_inputs: str, concat_gap_s: float, silence_audio: bool, seed: int,
                  second_per_window: float, second_stride: float, window_level_Qformer: bool):
         for key, value in (("turn_mode", turn_mode), ("text_inputs", text_inputs)):
@@ -259,6 +261,7 @@ class SalmonnDataset(Dataset):
         self.annotation = annotation
         self.feature_extractor = feature_extractor
         self.prompts = prompts
+        self.text = text  # the LLM's template and tokenizer: items carry token ids
         self.training = training
         self.random_prompts = training and random_prompts
         self.turn_mode = turn_mode
@@ -313,9 +316,10 @@ class SalmonnDataset(Dataset):
         language = entry.get("language", "")
         prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language),
                                entry.get("Q", ""), rng)
-        return {"clips": clips, "slots": [list(range(len(clips)))], "prompt": prompt, "text": entry["text"],
-                "task": entry["task"], "Q": entry.get("Q", ""), "id": entry.get("id", entry["path"]),
-                "language": language, "emotions": []}
+        sample_id = entry.get("id", entry["path"])
+        return {"clips": clips, "slots": [list(range(len(clips)))], "text": entry["text"], "task": entry["task"],
+                "Q": entry.get("Q", ""), "id": sample_id, "language": language, "emotions": [],
+                **tokenised(self.text, conversation(prompt, None, language, False), entry["text"], sample_id)}
 
     def dialogue_item(self, entry: dict, rng: random.Random | None) -> dict:
         wavs = [load_audio(p) for p in audio_paths(entry)]
@@ -325,13 +329,15 @@ class SalmonnDataset(Dataset):
         prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language), question, rng)
         if self.turn_mode == "concat":
             clips, slots = [self.concatenated(wavs, entry["id"])], [[0]]
+            messages = conversation(prompt, None, language, False)
         else:
             clips, slots = (packed_clips(wavs, *self.packed_layout) if self.turn_mode == "packed"
                             else per_turn_clips(wavs, self.max_clip_samples))
-            prompt = expand_turns(prompt, self.turn_texts(entry["turns"]), language)
-        return {"clips": clips, "slots": slots, "prompt": prompt, "text": entry["text"], "task": entry["task"],
+            messages = conversation(prompt, self.turn_texts(entry["turns"]), language, self.text.uses_chat_template)
+        return {"clips": clips, "slots": slots, "text": entry["text"], "task": entry["task"],
                 "Q": entry.get("Q", ""), "id": entry["id"], "language": language,
-                "emotions": [turn.get("emotion", "") for turn in entry["turns"]]}
+                "emotions": [turn.get("emotion", "") for turn in entry["turns"]],
+                **tokenised(self.text, messages, entry["text"], entry["id"])}
 
     def turn_texts(self, turns: list[dict]) -> list[TurnText]:
         """What text each turn shows besides its speech, per `text_inputs`."""
@@ -362,6 +368,19 @@ def per_turn_clips(wavs: list[np.ndarray], max_samples: int) -> tuple[list[np.nd
     return clips, slots
 
 
+def tokenised(text: ChatText, messages: list[dict[str, str]], target: str, sample_id: str) -> dict[str, Any]:
+    """A sample's conversation rendered by the LLM's template and tokenised: the prompt text (kept for the
+    records), its ids, the positions of its speech slots and the target's ids (cut at max_txt_len, with a
+    warning, keeping its end token)."""
+    prompt = text.render(messages)
+    prompt_ids, slot_positions = text.prompt_ids(prompt)
+    target_ids, cut = text.target_ids(target)
+    if cut:
+        log.warning("%s: target cut to model.max_txt_len=%d tokens (its end token kept): '%s...'", sample_id,
+                    text.max_txt_len, target[:60])
+    return {"prompt": prompt, "prompt_ids": prompt_ids, "target_ids": target_ids, "slot_positions": slot_positions}
+
+
 def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], per_turn: bool) -> None:
     """Fails at construction, not mid-epoch, when a task has no prompt or a dialogue prompt cannot expand."""
     missing = set()
@@ -375,6 +394,23 @@ def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], p
     if missing:
         raise PromptError(f"the prompt file has no prompt for task(s) {', '.join(sorted(missing))}; "
                           f"known tasks: {', '.join(sorted(prompts))}")
+
+
+def token_batch(items: list[dict]) -> dict[str, Any]:
+    """The token side of a batch from items' `prompt_ids`, `target_ids` and `slot_positions` (tokenised)."""
+    rows = [item["prompt_ids"] + item["target_ids"] for item in items]
+    input_ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # padding is never embedded
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for b, (row, item) in enumerate(zip(rows, items)):
+        input_ids[b, :len(row)] = torch.tensor(row)
+        labels[b, len(item["prompt_ids"]):len(row)] = torch.tensor(item["target_ids"])
+    return {
+        "input_ids": input_ids,  # [B, T]: prompt then target ids, right-padded
+        "attention_mask": (torch.arange(input_ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]).long(),
+        "labels": labels,  # [B, T]: the target ids, IGNORE_INDEX elsewhere
+        "prompt_lengths": torch.tensor([len(item["prompt_ids"]) for item in items]),  # [B]: what generation sees
+        "slot_positions": [item["slot_positions"] for item in items],  # per sample: where each slot's speech goes
+    }
 
 
 def collate(items: list[dict]) -> dict[str, Any]:
@@ -391,6 +427,7 @@ def collate(items: list[dict]) -> dict[str, Any]:
                               for part in slot] for slot in item["slots"]])
         offset += len(item["clips"])
     return {
+        **token_batch(items),
         "spectrogram": torch.from_numpy(np.concatenate([item["spectrogram"] for item in items])),
         "raw_wav": raw_wav,
         "padding_mask": torch.arange(raw_wav.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1),
@@ -419,7 +456,8 @@ def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *,
     return SalmonnDataset(
         read_annotation(ann_path),
         feature_extractor or load_feature_extractor(setting["whisper_path"]),
-        load_prompts(str(prompt_path), setting["prompt_template"]),
+        load_prompts(str(prompt_path)),
+        ChatText.from_config({**model, "prompt_template": setting["prompt_template"]}),
         training=training,
         random_prompts=bool(model["multi_prompt"]),
         turn_mode=data["turn_mode"],
@@ -433,21 +471,23 @@ def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *,
     )
 
 
-def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeatureExtractor, *,
-               template: str, task: str = "", language: str = "en") -> dict[str, Any]:
-    """A one-sample batch from audio files, one per turn (CLI, web demo). `prompt` is either complete (template
-    applied, one <SpeechHere> per file) or a plain question, which is wrapped in the turn block and template."""
+def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeatureExtractor, text: ChatText, *,
+               task: str = "", language: str = "en") -> dict[str, Any]:
+    """A one-sample batch from audio files, one per turn (CLI, web demo). `prompt` is either the user message
+    with one <SpeechHere> per file or a plain question, asked about the files as dialogue turns; the LLM's
+    template is applied to both."""
     if not wav_paths:
         raise ValueError("make_batch needs at least one audio file")
     if SPEECH_SLOT in prompt:
         if prompt.count(SPEECH_SLOT) != len(wav_paths):
             raise PromptError(f"the prompt has {prompt.count(SPEECH_SLOT)} {SPEECH_SLOT} slots for "
                               f"{len(wav_paths)} audio file(s)")
-        question, full_prompt = "", prompt
+        question, messages = "", [{"role": "user", "content": prompt}]
     else:
-        question, full_prompt = prompt, question_prompt(prompt, len(wav_paths), template, language)
+        question, messages = prompt, question_messages(prompt, len(wav_paths), language, text.uses_chat_template)
     clips, slots = per_turn_clips([load_audio(p) for p in wav_paths], feature_extractor.n_samples)
-    item = {"clips": clips, "slots": slots, "spectrogram": log_mel(clips, feature_extractor),
-            "prompt": full_prompt, "text": "", "task": task, "Q": question, "id": "+".join(map(str, wav_paths)),
-            "language": language, "emotions": []}
+    sample_id = "+".join(map(str, wav_paths))
+    item = {"clips": clips, "slots": slots, "spectrogram": log_mel(clips, feature_extractor), "text": "",
+            "task": task, "Q": question, "id": sample_id, "language": language, "emotions": [],
+            **tokenised(text, messages, "", sample_id)}
     return collate([item])

@@ -90,7 +90,7 @@ def without_unused_sampling(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_model(cfg: DictConfig, device: torch.device, lora_scaling: float | None = None) -> SALMONN:
-    """SALMONN from the `model:` section, on `device`, in eval mode, its LoRA merged into LLaMA when
+    """SALMONN from the `model:` section, on `device`, in eval mode, its LoRA merged into the LLM when
     `model.merge_lora` (after the checkpoint and the LoRA scaling). Missing weights raise FileNotFoundError naming
     what to download where. Seeded by run.seed: the random-init demo model and sampling repeat."""
     seed_everything(cfg.run.seed)
@@ -138,7 +138,7 @@ def stream_answer(model: SALMONN, batch: dict[str, Any], generate_settings: dict
         with autocast(amp_dtype, model.device):
             yield model.generate(batch, generate_settings)[0]
         return
-    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(model.text.tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -171,7 +171,6 @@ class Assistant:
         self.model = model
         self.cfg = cfg
         self.generate_settings = generate_settings
-        self.template = cfg.model.prompt_template
         self.feature_extractor = load_feature_extractor(cfg.get("datasets", {}).get("whisper_path")
                                                         or cfg.model.whisper_path)
         self.amp_dtype = inference_dtype(cfg, model)
@@ -183,7 +182,7 @@ class Assistant:
             raise ValueError("no audio file given: enter one path per dialogue turn")
         if not prompt.strip():
             raise ValueError("empty prompt: type a question or an instruction about the audio")
-        return make_batch(wav_paths, prompt.strip(), self.feature_extractor, template=self.template,
+        return make_batch(wav_paths, prompt.strip(), self.feature_extractor, self.model.text,
                           language=text_language(prompt))
 
     def answer(self, wav_paths: list[str], prompt: str,

@@ -8,7 +8,7 @@ assumptions and how each was checked; tests/test_memory_plan.py checks the param
 built on the meta device and the activation counts against what autograd keeps in a small LLaMA / Q-Former.
 
 Where the bytes go in a training step (bf16 frozen weights, fp32 trained tensors, bf16 autocast on a GPU):
-- static: frozen weights (Whisper encoder and LLaMA in model.torch_dtype, BEATs in fp32: models/salmonn.py does
+- static: frozen weights (Whisper encoder and LLM in model.torch_dtype, BEATs in fp32: models/salmonn.py does
   not cast it), trained tensors fp32 + their gradients fp32 + AdamW's two fp32 states, autocast's bf16 copies
   of the trained matrices (cached for the forward), DDP's gradient buckets;
 - forward, no gradients: Whisper and BEATs run frozen; one layer's working set for all C clips at a time;
@@ -45,6 +45,7 @@ TEXT_TOKENS_PER_TURN = 12
 ANSWER_TOKENS = 40
 CONCAT_GAP_SECONDS = 0.5  # datasets.concat_gap_s
 MODES = ("per_turn", "per_turn_trimmed", "packed", "concat")
+TABLE_LLMS = ("7b", "13b", "qwen2.5-7b", "qwen3-8b")  # models/real_size.LLMS
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -57,10 +58,17 @@ class Llm:
     kv_heads: int
     vocab: int
     tied: bool = False  # lm_head shares the embedding (not in Vicuna)
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head of q and k (Qwen3)
+    head_size: int = 0  # 0: hidden // heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_width(self) -> int:
@@ -68,10 +76,12 @@ class Llm:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Llm":
-        """From a LLaMA config.json."""
+        """From a LLaMA, Qwen2 or Qwen3 config.json."""
         return cls(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                    cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                   cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)))
+                   cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)),
+                   qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+                   qk_norm=cfg.get("model_type") == "qwen3", head_size=cfg.get("head_dim") or 0)
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,7 @@ class Salmonn:
     lora: Lora | None
     window_seconds: float  # model.second_per_window
     stride_seconds: float  # model.second_stride
-    weights_dtype: str = "bfloat16"  # model.torch_dtype: the frozen Whisper and LLaMA
+    weights_dtype: str = "bfloat16"  # model.torch_dtype: the frozen Whisper and LLM
     beats_dtype: str = "float32"  # BEATs is not cast to model.torch_dtype
 
     @property
@@ -166,21 +176,25 @@ class Salmonn:
 
 
 def released_shape(llm: str) -> Salmonn:
-    """SALMONN-13B (salmonn_v1.pth) or -7B (salmonn_7b_v0.pth) as released: models/real_size.py's configs and
-    config.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers; LoRA rank 8 on q_proj, v_proj), bf16 frozen weights."""
+    """SALMONN-13B (salmonn_v1.pth) or -7B (salmonn_7b_v0.pth) as released, or the same SALMONN on a Qwen LLM
+    (qwen2.5-7b, qwen3-8b): models/real_size.py's configs and config.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers;
+    LoRA rank 8 on q_proj, v_proj), bf16 frozen weights."""
     from config import MODEL_DEFAULTS
-    from models.real_size import BEATS_CPT2, VICUNA, WHISPER_FEATURES, WHISPER_LARGE_V2  # (imports torch)
+    from models.real_size import BEATS_CPT2, LLMS, WHISPER_FEATURES, WHISPER_LARGE_V2  # (imports torch)
 
-    if llm not in VICUNA:
-        raise ValueError(f"unknown LLM size {llm!r}: one of {', '.join(VICUNA)}")
-    return Salmonn.from_configs({**MODEL_DEFAULTS, "torch_dtype": "bfloat16"}, VICUNA[llm], WHISPER_LARGE_V2,
+    if llm not in LLMS:
+        raise ValueError(f"unknown LLM {llm!r}: one of {', '.join(LLMS)}")
+    return Salmonn.from_configs({**MODEL_DEFAULTS, "torch_dtype": "bfloat16"}, LLMS[llm], WHISPER_LARGE_V2,
                                 WHISPER_FEATURES["chunk_length"], BEATS_CPT2)
 
 
 # ---------------------------------------------------------------------------------------------- parameters
 def llm_parameters(llm: Llm) -> int:
-    """LLaMA without LoRA: embeddings, decoder layers (q, k, v, o; gate, up, down; 2 RMSNorms), final norm, lm_head."""
-    layer = llm.hidden * (2 * llm.hidden + 2 * llm.kv_width) + 3 * llm.hidden * llm.intermediate + 2 * llm.hidden
+    """The LLM without LoRA: embeddings, decoder layers (q, k, v, o, with Qwen2's q/k/v biases and Qwen3's q/k
+    norms; gate, up, down; 2 RMSNorms), final norm, lm_head."""
+    attention = llm.hidden * (2 * llm.q_width + 2 * llm.kv_width)
+    attention += (llm.q_width + 2 * llm.kv_width) * llm.qkv_bias + 2 * llm.head_dim * llm.qk_norm
+    layer = attention + 3 * llm.hidden * llm.intermediate + 2 * llm.hidden
     head = 0 if llm.tied else llm.vocab * llm.hidden
     return llm.vocab * llm.hidden + llm.layers * layer + llm.hidden + head
 
@@ -191,11 +205,11 @@ def llm_layer_parameters(llm: Llm) -> int:
 
 def lora_in_out(llm: Llm, target: str) -> tuple[int, int]:
     """(in, out) features of a LoRA target module."""
-    h, i, kv = llm.hidden, llm.intermediate, llm.kv_width
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+    h, i, q, kv = llm.hidden, llm.intermediate, llm.q_width, llm.kv_width
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
               "up_proj": (h, i), "down_proj": (i, h)}
     if target not in shapes:
-        raise ValueError(f"LoRA target {target!r} is not a LLaMA projection ({', '.join(shapes)})")
+        raise ValueError(f"LoRA target {target!r} is not a projection of a LLaMA/Qwen layer ({', '.join(shapes)})")
     return shapes[target]
 
 
@@ -372,18 +386,20 @@ def beats_patches(b: Beats, seconds: float) -> int:
 
 # ---------------------------------------------------------------------------------------------- activations
 def llm_layer_bytes_per_token(llm: Llm, lora: Lora | None, p: Precision) -> int:
-    """Bytes autograd keeps per token in one LLaMA decoder layer (sdpa attention, no checkpointing), with a the
+    """Bytes autograd keeps per token in one LLaMA/Qwen decoder layer (sdpa attention, no checkpointing), with a the
     activation bytes (2 in bf16):
       2 RMSNorms: the fp32 copy of the input (4h) and rsqrt (4)             8h + 8
-      attention: SDPA keeps q, k, v and its output (a(2h + 2kv)), and the per-head logsumexp in fp32 (4 heads);
-                 RoPE and the frozen projections keep nothing (their weights are not trained)
+      attention: SDPA keeps q, k, v and its output (a(2q + 2kv)), and the per-head logsumexp in fp32 (4 heads);
+                 RoPE and the frozen projections keep nothing (their weights are not trained); Qwen3's q/k
+                 norms keep their fp32 input and rsqrt per head (4(q + kv) + 4(heads + kv_heads))
       MLP: gate output (SiLU's input), SiLU output, up output                3a i
       LoRA per target (in features n, rank r): its input (cast to bf16 by autocast, else the fp32 copy peft
       makes) a_l n, the dropout mask, A's output a_l r (`lora_bytes_per_token`).
     For Vicuna-13B in the GPU recipe: 8h + 8 + 8h + 160 + 6i + 2 x (3h + 2r) = 195,784 B (191 KiB)."""
     h, a = llm.hidden, p.act
     norms = 2 * (4 * h + 4)
-    attention = a * (2 * h + 2 * llm.kv_width) + 4 * llm.heads
+    attention = a * (2 * llm.q_width + 2 * llm.kv_width) + 4 * llm.heads
+    attention += (4 * (llm.q_width + llm.kv_width) + 4 * (llm.heads + llm.kv_heads)) * llm.qk_norm
     mlp = 3 * a * llm.intermediate
     return norms + attention + mlp + lora_bytes_per_token(llm, lora, p)
 
@@ -551,7 +567,7 @@ def gib(n: float) -> float:
     return n / GIB
 
 
-FROZEN = "frozen weights (Whisper, LLaMA bf16; BEATs fp32)"
+FROZEN = "frozen weights (Whisper, LLM bf16; BEATs fp32)"
 TRAINED, GRADIENTS, ADAMW = "trained tensors fp32", "gradients fp32", "AdamW exp_avg + exp_avg_sq fp32"
 AUTOCAST_COPIES = "autocast's bf16 copies of the trained weights"
 
@@ -698,7 +714,7 @@ def predict_cpu_step(llm: str = "7b", turn_seconds: Sequence[float] = (4.0,) * 5
 def table_rows(turns: int = 5, seconds: float = 4.0) -> list[dict[str, Any]]:
     """The configurations of docs/memory.md's table and their plans."""
     rows = []
-    for llm in ("7b", "13b"):
+    for llm in TABLE_LLMS:
         s = released_shape(llm)
         for mode in ("per_turn", "packed"):
             d = Dialogue.uniform(turns, seconds, mode)

@@ -1,12 +1,15 @@
-"""Prompts: the template, the prompt files and the per-turn expansion. The one place prompts are built.
+"""Prompts: the prompt files, the per-turn expansion and a sample's conversation. The one place prompts are built;
+models/llm.ChatText renders the conversation with the LLM's template and tokenises it.
 
 A prompt file maps a task to a list of prompts (or to one prompt, as the original `test_prompt.json` does).
-Every usable prompt holds `<SpeechHere>`, where the model splices speech tokens in; `load_prompts` wraps each
-prompt in the chat template exactly once. A task prompt may hold `{}`, which `fill_question` replaces by the
-sample's question `Q`.
+Every usable prompt holds `<SpeechHere>`, where the model splices speech tokens in. A task prompt may hold `{}`,
+which `fill_question` replaces by the sample's question `Q`. A prompt is the user's message; the LLM's template
+is applied when it is tokenised.
 
-Dialogue tasks: the prompt file has one `SPEECH_TAG` per prompt; `expand_turns` replaces it by one line per user
-turn, so the model sees which speech belongs to which turn:
+Dialogue tasks: the prompt file has one `SPEECH_TAG` per prompt. With an LLM that has a chat template, each user
+turn is a user message of its own (earlier replies, when shown, assistant messages between them) and the task
+instruction closes the last one (`conversation`). With the plain `prompt_template` (Vicuna, the released
+checkpoints) `expand_turns` puts one line per user turn in the single user message:
 
     USER: Turn 1: <Speech><SpeechHere></Speech>
     Turn 2: <Speech><SpeechHere></Speech> Transcript: ... Assistant: ...
@@ -47,17 +50,9 @@ class TurnText:
     reply: str | None = None  # the assistant's earlier reply to this turn (never the target)
 
 
-def apply_template(prompt: str, template: str) -> str:
-    """Puts the prompt into the template's single `{}` (literal substitution: the prompt's own `{}` survive)."""
-    if template.count(QUESTION_SLOT) != 1:
-        raise PromptError(f"prompt_template must contain exactly one {{}}, got {template!r}")
-    head, tail = template.split(QUESTION_SLOT)
-    return head + prompt + tail
-
-
-def load_prompts(path: str, template: str) -> dict[str, list[str]]:
-    """Task -> prompts, each wrapped once by the template. Prompts without `<SpeechHere>` are dropped with a
-    warning (the original dropped them silently); a task left with no prompt is dropped the same way."""
+def load_prompts(path: str) -> dict[str, list[str]]:
+    """Task -> prompts. Prompts without `<SpeechHere>` are dropped with a warning (the original dropped them
+    silently); a task left with no prompt is dropped the same way."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -77,7 +72,7 @@ def load_prompts(path: str, template: str) -> dict[str, list[str]]:
             if SPEECH_SLOT not in prompt:
                 log.warning("%s: task %r: dropping a prompt without %s: %r", path, task, SPEECH_SLOT, prompt)
                 continue
-            kept.append(apply_template(prompt, template))
+            kept.append(prompt)
         if kept:
             prompts[task] = kept
         else:
@@ -106,20 +101,24 @@ def prompt_key(prompts: dict[str, list[str]], task: str, language: str) -> str:
     return localized if localized in prompts else task
 
 
+def turn_text(turn: TurnText, language: str, with_reply: bool) -> str:
+    """A turn's speech tag, then its transcript (and its earlier reply) when given."""
+    labels = TURN_LABELS.get(language, TURN_LABELS["en"])
+    text = SPEECH_TAG
+    if turn.transcript is not None:
+        text += f" {labels['transcript']}{turn.transcript}"
+    if with_reply and turn.reply is not None:
+        text += f" {labels['reply']}{turn.reply}"
+    return text
+
+
 def turn_block(turns: list[TurnText], language: str = "en") -> str:
-    """One line per turn: its speech tag, then its transcript and earlier reply when given."""
+    """One line per turn: its label, speech tag, then its transcript and earlier reply when given."""
     if not turns:
         raise PromptError("a dialogue needs at least one turn")
-    labels = TURN_LABELS.get(language, TURN_LABELS["en"])
-    lines = []
-    for n, turn in enumerate(turns, start=1):
-        line = labels["turn"].format(n=n) + SPEECH_TAG
-        if turn.transcript is not None:
-            line += f" {labels['transcript']}{turn.transcript}"
-        if turn.reply is not None:
-            line += f" {labels['reply']}{turn.reply}"
-        lines.append(line)
-    return "\n".join(lines)
+    label = TURN_LABELS.get(language, TURN_LABELS["en"])["turn"]
+    return "\n".join(label.format(n=n) + turn_text(turn, language, with_reply=True)
+                     for n, turn in enumerate(turns, start=1))
 
 
 def expand_turns(prompt: str, turns: list[TurnText], language: str = "en") -> str:
@@ -132,12 +131,30 @@ def expand_turns(prompt: str, turns: list[TurnText], language: str = "en") -> st
     return head + turn_block(turns, language) + separator + tail
 
 
-def question_prompt(question: str, num_turns: int, template: str, language: str = "en") -> str:
-    """A full prompt for a plain question about `num_turns` audio files (CLI, web demo): one file is asked
-    about the original way (`<Speech><SpeechHere></Speech> question`), several as a per-turn block."""
+def conversation(prompt: str, turns: list[TurnText] | None, language: str, real_turns: bool) -> list[dict[str, str]]:
+    """A sample's messages. `turns` None: one clip, the prompt is the user message. A dialogue with `real_turns`
+    (an LLM with a chat template): a user message per turn, its earlier reply (when shown) as an assistant message
+    after it, the instruction closing the last turn; without: one user message with the per-turn block."""
+    if turns is None:
+        return [{"role": "user", "content": prompt}]
+    if not real_turns:
+        return [{"role": "user", "content": expand_turns(prompt, turns, language)}]
+    if prompt.count(SPEECH_TAG) != 1 or prompt.count(SPEECH_SLOT) != 1 or not turns:
+        raise PromptError(f"a dialogue prompt needs exactly one {SPEECH_TAG} and at least one turn, got {prompt!r}")
+    instruction = " ".join(part.strip() for part in prompt.split(SPEECH_TAG) if part.strip())
+    messages = []
+    for n, turn in enumerate(turns, start=1):
+        content = turn_text(turn, language, with_reply=False)
+        messages.append({"role": "user", "content": f"{content}\n{instruction}" if n == len(turns) else content})
+        if n < len(turns) and turn.reply is not None:
+            messages.append({"role": "assistant", "content": turn.reply})
+    return messages
+
+
+def question_messages(question: str, num_turns: int, language: str, real_turns: bool) -> list[dict[str, str]]:
+    """The messages for a plain question about `num_turns` audio files (CLI, web demo): one file is asked about
+    the original way (`<Speech><SpeechHere></Speech> question`), several as dialogue turns."""
     if num_turns < 1:
         raise PromptError("a prompt needs at least one audio file")
     prompt = f"{SPEECH_TAG} {question}".rstrip()
-    if num_turns > 1:
-        prompt = expand_turns(prompt, [TurnText()] * num_turns, language)
-    return apply_template(prompt, template)
+    return conversation(prompt, [TurnText()] * num_turns if num_turns > 1 else None, language, real_turns)

@@ -40,6 +40,7 @@ from config import ConfigError, config_to_dict
 from dataset_v1 import build_dataset, collate
 from inference import decode, write_decode_outputs
 from metrics import score_records
+from models.llm import decoder_layer_classes
 from models.salmonn import SALMONN, CheckpointError, read_checkpoint
 from utils import (
     DistInfo,
@@ -210,7 +211,7 @@ SPLITS = {"train": "train_ann_path", "valid": "valid_ann_path", "test": "test_an
 
 def build_model(cfg: DictConfig):
     """SALMONN from the `model:` section (loading the LLM can take minutes for the real model)."""
-    log.info("building the model (LLM %s, Whisper %s, BEATs %s)...", cfg.model.llama_path, cfg.model.whisper_path,
+    log.info("building the model (LLM %s, Whisper %s, BEATs %s)...", cfg.model.llm_path, cfg.model.whisper_path,
              cfg.model.beats_path or "none")
     t0 = time.perf_counter()
     model = SALMONN.from_config(cfg.model)
@@ -231,6 +232,20 @@ def build_datasets(cfg: DictConfig, splits: list[str]) -> dict[str, Dataset]:
         datasets[split] = build_dataset(ann_path, cfg.datasets, split, cfg.model, seed=cfg.run.seed)
         log.info("%s split: %d samples from %s", split, len(datasets[split]), ann_path)
     return datasets
+
+
+def fsdp_wrap(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2 (`fully_shard`): each decoder layer of the LLM (its `_no_split_modules` class: LlamaDecoderLayer,
+    Qwen3DecoderLayer, ...) is a shard unit, then the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+    layers = decoder_layer_classes(model.llama_model)
+    for module in model.modules():
+        if isinstance(module, layers):
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 class Runner:
@@ -301,21 +316,9 @@ class Runner:
         if not self.dist.distributed:
             return model
         if self.run_cfg.fsdp:
-            return self._wrap_fsdp(model)
+            return fsdp_wrap(model, self.amp_dtype)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-
-    def _wrap_fsdp(self, model: nn.Module) -> nn.Module:
-        """FSDP2 (`fully_shard`): each LLaMA decoder layer is a shard unit, then the whole model."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32) if self.amp_dtype else \
-            MixedPrecisionPolicy()
-        for module in model.modules():
-            if type(module).__name__ == "LlamaDecoderLayer":
-                fully_shard(module, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
 
     def _autocast(self):
         return autocast(self.amp_dtype, self.device)

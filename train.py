@@ -26,7 +26,7 @@ log = logging.getLogger("salmonn.train")
 
 # --dryrun: these model keys come from the tiny embedded default, the rest of the config stays the user's.
 DRYRUN_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-DRYRUN_MODEL_KEYS = ("llama_path", "whisper_path", "beats_path", "random_init", "qformer_hidden_size",
+DRYRUN_MODEL_KEYS = ("llm_path", "whisper_path", "beats_path", "random_init", "qformer_hidden_size",
                      "qformer_num_layers", "qformer_num_heads", "qformer_intermediate_size",
                      "qformer_initializer_range", "torch_dtype")
 

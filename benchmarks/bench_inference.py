@@ -104,12 +104,12 @@ class PeakMemory:
             self.peak = max(self.peak, self.rss())
 
 
-def noise_batch(feature_extractor, seconds: float, template: str, batch_size: int, folder: Path) -> dict[str, Any]:
+def noise_batch(feature_extractor, seconds: float, text, batch_size: int, folder: Path) -> dict[str, Any]:
     """`batch_size` samples of `seconds` of noise with the same prompt, built as the CLI builds its batch."""
     path = folder / f"noise_{seconds:g}s.wav"
     rng = np.random.default_rng(0)
     sf.write(path, rng.normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE)
-    one = make_batch([str(path)], PROMPT, feature_extractor, template=template)
+    one = make_batch([str(path)], PROMPT, feature_extractor, text)
     if len(one["speech_slots"][0][0]) != 1:
         raise ValueError(f"use --durations of at most the encoder's window ({feature_extractor.chunk_length} s "
                          "here): one clip per sample keeps the batch simple")
@@ -148,11 +148,11 @@ def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, 
     return min(ttfts), min(tpots)
 
 
-def bench_duration(model, feature_extractor, template: str, seconds: float, batch_sizes: list[int],
+def bench_duration(model, feature_extractor, seconds: float, batch_sizes: list[int],
                    settings: dict[str, Any], repeats: int, device: torch.device, folder: Path,
                    amp: torch.dtype | None) -> dict[str, Any]:
     single = {k: v.to(device) if torch.is_tensor(v) else v
-              for k, v in noise_batch(feature_extractor, seconds, template, 1, folder).items()}
+              for k, v in noise_batch(feature_extractor, seconds, model.text, 1, folder).items()}
 
     def encode() -> None:
         with torch.no_grad(), autocast(amp, device):
@@ -163,7 +163,7 @@ def bench_duration(model, feature_extractor, template: str, seconds: float, batc
                               "ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * tpot, "batches": {}}
     for batch_size in batch_sizes:
         batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in noise_batch(feature_extractor, seconds, template, batch_size, folder).items()}
+                 for k, v in noise_batch(feature_extractor, seconds, model.text, batch_size, folder).items()}
 
         def generate() -> None:
             with autocast(amp, device):
@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                                         "min_new_tokens": args.new_tokens})
     settings.pop("min_length", None)  # min_new_tokens decides
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_duration(model, feature_extractor, cfg.model.prompt_template, seconds, args.batch_sizes,
+        results = [bench_duration(model, feature_extractor, seconds, args.batch_sizes,
                                   settings, args.repeats, device, Path(tmp), inference_dtype(cfg, model))
                    for seconds in args.durations]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"SALMONN inference, {name}, LLM {cfg.model.llama_path} ({cfg.model.torch_dtype}), "
+    print(f"SALMONN inference, {name}, LLM {cfg.model.llm_path} ({cfg.model.torch_dtype}), "
           f"{args.new_tokens} new tokens, fastest of {args.repeats} runs")
     print(format_table(results, device))
     if args.json:

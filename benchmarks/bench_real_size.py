@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for bench_real_size.json (default: a new temporary one)")
     args = ap.parse_args(argv)
     assets = Path(args.assets)
-    paths = {"llama_path": assets / VICUNA_FOLDER[args.llm], "whisper_path": assets / WHISPER_FOLDER,
+    paths = {"llm_path": assets / VICUNA_FOLDER[args.llm], "whisper_path": assets / WHISPER_FOLDER,
              "beats_path": assets / f"{BEATS_FILE}.pt", "ckpt": assets / RELEASED_CHECKPOINT[args.llm]}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_turn_modes                        # Vicuna-13B, batches of 8 demo dialogues
     python -m benchmarks.bench_turn_modes --llm 7b --batch 4 --out runs/bench_turn_modes
+    python -m benchmarks.bench_turn_modes --llm qwen2.5-7b       # the same modes on Qwen2.5-7B
     python -m benchmarks.bench_turn_modes --quick                # 2 dialogues: a smoke run
 
 The modes (config overrides of configs/demo.yaml):
@@ -67,14 +68,14 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.models.llama.modeling_llama import LlamaModel
 
 from benchmarks.bench_inference import TokenClock
 from benchmarks.bench_train import cpu_name
 from config import load_config
 from dataset_v1 import SalmonnDataset, build_dataset, collate
 from models.beats import BEATs
-from models.real_size import VICUNA, VICUNA_FOLDER, released_model_config, write_config_folders
+from models.llm import base_llm
+from models.real_size import LLM_FOLDER, LLMS, released_model_config, write_config_folders
 from models.salmonn import SALMONN
 from runner import Runner, build_datasets, build_model
 from utils import init_distributed, seed_everything
@@ -109,7 +110,7 @@ class Shapes:
 
 
 def decoder_stack(model: SALMONN) -> torch.nn.Module:
-    return next(m for m in model.llama_model.modules() if isinstance(m, LlamaModel))
+    return base_llm(model.llama_model).get_decoder()
 
 
 def sample_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -274,7 +275,7 @@ def shape_summary(batches: list[Shapes]) -> dict[str, float]:
 
 
 def full_size_model(size: str) -> SALMONN:
-    """The released setting at real size (Whisper large-v2, BEATs cpt2, Vicuna), its tensors on meta."""
+    """The released setting at real size (Whisper large-v2, BEATs cpt2, the LLM), its tensors on meta."""
     folders = write_config_folders(Path(tempfile.mkdtemp(prefix="bench_turn_modes_")), (size,))
     with torch.device("meta"):
         return SALMONN(released_model_config(folders, size))
@@ -476,7 +477,8 @@ def write_new(folder: Path, stem: str, results: dict[str, Any], text: str) -> li
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", choices=list(VICUNA), default="13b", help="the Vicuna size of the full-size figures")
+    parser.add_argument("--llm", choices=list(LLMS), default="13b",
+                        help="the LLM of the full-size figures: Vicuna 7b/13b, qwen2.5-7b, qwen3-8b")
     parser.add_argument("--batch", type=int, default=8, help="dialogues per training batch")
     parser.add_argument("--dialogues", type=int, default=0, help="dialogues of the corpus to use (0 = all)")
     parser.add_argument("--rounds", type=int, default=2,
@@ -530,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads", "threads": torch.get_num_threads(),
         "corpus": modes[0].cfg.datasets.train_ann_path, "batch": args.batch, "rounds": args.rounds,
         "repeats": args.repeats, "dialogues": sum(len(s.ids) for s in modes[0].shapes),
-        "full_size": VICUNA_FOLDER[args.llm], "modes": {}}
+        "full_size": LLM_FOLDER[args.llm], "modes": {}}
     for mode in modes:
         results["modes"][mode.name] = {
             "label": mode.label, "overrides": MODES[mode.name][1], "shapes": shape_summary(mode.shapes),

@@ -4,6 +4,7 @@ H100/H200 (~2 minutes of steps and generations per LLM size, plus building).
 
     python -m benchmarks.gpu_check                       # 13B and 7B, results in outputs/gpu_check/
     python -m benchmarks.gpu_check --llm 7b --out DIR    # one size
+    python -m benchmarks.gpu_check --llm 13b qwen2.5-7b  # Vicuna-13B and Qwen2.5-7B
     python -m benchmarks.gpu_check --small               # the whole script on CPU with the tiny demo model (CI)
 
 Per LLM size:
@@ -47,14 +48,16 @@ from benchmarks.bench_inference import PeakMemory, bench_duration
 from benchmarks.bench_train import peak_flops, synchronize
 from config import load_config
 from dataset_v1 import build_dataset, collate, load_feature_extractor
-from models import SPEECH_SLOT, WHISPER_CONV_STRIDE
+from models import WHISPER_CONV_STRIDE
 from models.real_size import write_config_folders
-from prompting import question_prompt
+from prompting import question_messages
 from runner import Runner, build_model
 from utils import autocast_dtype, init_distributed, seed_everything, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = {"13b": ROOT / "configs/config.yaml", "7b": ROOT / "configs/finetune_humdial_7b.yaml"}
+# the fine-tune recipe per LLM (a Qwen LLM runs the 7B recipe with its own folder: same connector, LoRA, batch)
+RECIPE = {"13b": ROOT / "configs/config.yaml", "7b": ROOT / "configs/finetune_humdial_7b.yaml",
+          "qwen2.5-7b": ROOT / "configs/finetune_humdial_7b.yaml", "qwen3-8b": ROOT / "configs/finetune_humdial_7b.yaml"}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "omegaconf", "sentencepiece", "safetensors", "soundfile",
             "soxr", "numpy", "tqdm")
 TEMPLATES = ROOT / "data/demo/ann/train.json"  # 5-turn demo dialogues: prompts, answers, transcripts
@@ -142,7 +145,7 @@ def recipe_config(llm: str | None, folders: dict[str, Path] | None, work: Path, 
         path = ROOT / "configs/demo.yaml"
     else:
         path = RECIPE[llm]
-        options += [f"model.llama_path={folders[llm]}", f"model.whisper_path={folders['whisper']}",
+        options += [f"model.llm_path={folders[llm]}", f"model.whisper_path={folders['whisper']}",
                     f"model.beats_path={folders['beats']}", "model.ckpt=''", "model.random_init=true"]
     if batch:
         options.append(f"run.batch_size_train={batch}")
@@ -268,14 +271,13 @@ def inference_phase(cfg, model, device: torch.device, setting: Setting, folder: 
     model.eval()
     amp = autocast_dtype(cfg.run.precision, device, model.llm_dtype)
     fe = load_feature_extractor(cfg.model.whisper_path)
-    template = cfg.model.prompt_template
     settings = {"max_new_tokens": setting.new_tokens, "min_new_tokens": setting.new_tokens, "num_beams": 1,
                 "do_sample": False}
-    prompt = question_prompt("Describe the emotion of the speaker.", 1, template)  # bench_inference's question
-    text_tokens = 1 + sum(len(model.tokenizer.encode(piece)) for piece in prompt.split(SPEECH_SLOT) if piece)
+    messages = question_messages("Describe the emotion of the speaker.", 1, "en", False)  # bench_inference's question
+    text_tokens = len(model.text.prompt_ids(model.text.render(messages))[0])
     results = []
     for seconds in setting.audio_seconds:
-        measured = bench_duration(model, fe, template, seconds, list(setting.batch_sizes), settings,
+        measured = bench_duration(model, fe, seconds, list(setting.batch_sizes), settings,
                                   setting.repeats, device, folder, amp)
         for batch_size, figures in measured["batches"].items():
             plan = mp.inference_plan(model_shape(model), mp.Dialogue((seconds,), speech_mode(model),
@@ -357,7 +359,8 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="the tiny demo model on CPU (seconds; what CI runs)")
-    ap.add_argument("--llm", choices=("7b", "13b", "both"), default="both")
+    ap.add_argument("--llm", nargs="+", choices=(*RECIPE, "both"), default=["both"],
+                    help="LLMs to check: 13b, 7b (Vicuna), qwen2.5-7b, qwen3-8b; both = 13b and 7b")
     ap.add_argument("--out", default=str(ROOT / "outputs/gpu_check"), help="folder for the JSON and markdown")
     ap.add_argument("--batch", type=int, default=None, help="dialogues per training step (default: the recipe's)")
     args = ap.parse_args(argv)
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     setting = SMALL if args.small else FULL
-    llms = ["tiny"] if args.small else (["13b", "7b"] if args.llm == "both" else [args.llm])
+    llms = ["tiny"] if args.small else list(dict.fromkeys(
+        llm for name in args.llm for llm in (["13b", "7b"] if name == "both" else [name])))
     versions = check_packages()
     if args.small:
         device_info = {"name": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"}

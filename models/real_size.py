@@ -1,11 +1,13 @@
 """The shapes of the real models SALMONN is built from, as config files: whisper-large-v2, BEATs iter3+ AS2M cpt2,
-Vicuna-7B v1.5 and Vicuna-13B v1.1. One home for these numbers: the meta-device checks (tests/test_real_size.py),
+Vicuna-7B v1.5 and Vicuna-13B v1.1 (the released checkpoints' LLMs), and the newer LLMs users switch to:
+Qwen2.5-7B-Instruct and Qwen3-8B (their published config.json values). One home for these numbers: the meta-device checks (tests/test_real_size.py),
 the random-weight artifacts of the real size (scripts/make_real_shape_assets.py), the memory plan and the GPU check
 all read them from here.
 
 `write_config_folders` writes folders that `model.random_init: true` builds from (configs only, no weights). A real
 LLaMA tokenizer cannot be had offline: theirs is a 32,000-piece byte-fallback BPE trained on pseudo-words, so that
-every id a random-weight LLaMA generates decodes.
+every id a random-weight LLaMA generates decodes. A Qwen folder gets the tiny Qwen's byte-level tokenizer and
+ChatML template (assets/tiny/qwen: 2,002 ids, all within Qwen's vocabulary).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import io
 import json
 import random
 from pathlib import Path
+
+import shutil
 
 import sentencepiece as spm
 
@@ -42,6 +46,22 @@ VICUNA = {
                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
 }
 VICUNA_FOLDER = {"7b": "vicuna-7b-v1.5", "13b": "vicuna-13b-v1.1"}
+# config.json of the Qwen instruct LLMs (Qwen2: q/k/v biases; Qwen3: q/k RMSNorms, no biases; both grouped-query)
+QWEN = {
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645,
+                       tie_word_embeddings=False),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False,
+                     bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False),
+}
+QWEN_FOLDER = {"qwen2.5-7b": "Qwen2.5-7B-Instruct", "qwen3-8b": "Qwen3-8B"}
+LLMS = {**VICUNA, **QWEN}  # every real LLM by its short name: 7b, 13b, qwen2.5-7b, qwen3-8b
+LLM_FOLDER = {**VICUNA_FOLDER, **QWEN_FOLDER}
+TINY_QWEN = Path(__file__).resolve().parents[1] / "assets/tiny/qwen"
+QWEN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 RELEASED_CHECKPOINT = {"7b": "salmonn_7b_v0.pth", "13b": "salmonn_v1.pth"}
 WHISPER_FOLDER = "whisper-large-v2"
 BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2"  # + .pt (weights) or .json (config only)
@@ -74,16 +94,21 @@ def write_config_folders(root: Path, sizes: tuple[str, ...] = ("7b", "13b")) -> 
     beats.write_text(json.dumps(BEATS_CPT2, indent=2))
     folders = {"whisper": whisper, "beats": beats}
     for size in sizes:
-        llama = root / VICUNA_FOLDER[size]
-        llama.mkdir(exist_ok=True)
-        (llama / "config.json").write_text(json.dumps(VICUNA[size], indent=2))
-        (llama / "tokenizer.model").write_bytes(tokenizer_model(VICUNA[size]["vocab_size"]))
-        folders[size] = llama
+        llm = root / LLM_FOLDER[size]
+        llm.mkdir(exist_ok=True)
+        (llm / "config.json").write_text(json.dumps(LLMS[size], indent=2))
+        if size in QWEN:
+            for name in QWEN_TOKENIZER_FILES:
+                shutil.copy(TINY_QWEN / name, llm / name)
+        else:
+            (llm / "tokenizer.model").write_bytes(tokenizer_model(VICUNA[size]["vocab_size"]))
+        folders[size] = llm
     return folders
 
 
 def released_model_config(folders: dict[str, Path], size: str) -> dict:
     """The `model:` section of the released setting at this size (config.MODEL_DEFAULTS: Q-Former 768/2/12/3072,
-    LoRA 8 on q_proj, v_proj), built from `folders` with random weights in bf16."""
-    return dict(llama_path=str(folders[size]), whisper_path=str(folders["whisper"]),
+    LoRA 8 on q_proj, v_proj), built from `folders` with random weights in bf16 (for a Qwen LLM: the same
+    connector and LoRA, aligned to nothing yet)."""
+    return dict(llm_path=str(folders[size]), whisper_path=str(folders["whisper"]),
                 beats_path=str(folders["beats"]), random_init=True, torch_dtype="bfloat16")

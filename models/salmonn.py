@@ -1,9 +1,11 @@
-"""SALMONN: Whisper + BEATs encoders -> window-level Q-Former -> projection -> LLaMA with LoRA.
+"""SALMONN: Whisper + BEATs encoders -> window-level Q-Former -> projection -> any causal LLM with LoRA.
 
-One file, config in, tensors out. Module names follow the original implementation (bytedance/SALMONN) so that
-the released `salmonn_v1.pth` / `salmonn_7b_v0.pth` and checkpoints written by the original training code load
-unchanged; the only renamed part is the Q-Former, which is transformers' BLIP-2 Q-Former (the same BERT-style
-block: query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_NAMES`.
+One file, config in, tensors out: the batch brings token ids (the data side tokenises, models/llm.ChatText) and
+the positions where each `<SpeechHere>` slot's speech tokens go. Module names follow the original implementation
+(bytedance/SALMONN) so that the released `salmonn_v1.pth` / `salmonn_7b_v0.pth` and checkpoints written by the
+original training code load unchanged: the LLM keeps the original's name `llama_model` whatever its architecture,
+and the only renamed part is the Q-Former, which is transformers' BLIP-2 Q-Former (the same BERT-style block:
+query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_NAMES`.
 
 Deliberate differences from the original (each would otherwise change a clip's output silently):
 - BEATs features of zero-padding are masked, so a clip's output does not depend on what it is batched with.
@@ -11,7 +13,7 @@ Deliberate differences from the original (each would otherwise change a clip's o
   padding sits at the end (training) or the start (generation), never in the middle of a sequence.
 - Several `<SpeechHere>` slots per prompt (one per dialogue turn); a turn longer than 30 s fills its slot with
   the tokens of several clips instead of being cut.
-- Targets longer than `max_txt_len` are cut with a warning and keep their end symbol.
+- The LLM is any Hugging Face causal LM (models/llm.py), loaded strictly like every other part.
 - Checkpoints load strictly: a missing trained tensor or a shape mismatch is an error naming the key.
 """
 from __future__ import annotations
@@ -27,24 +29,15 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (
-    Blip2QFormerConfig,
-    Blip2QFormerModel,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    WhisperConfig,
-)
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, GenerationConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from config import MODEL_DEFAULTS
-from models import SAMPLE_RATE, SPEECH_SLOT, window_frames
+from config import section_defaults
+from models import SAMPLE_RATE, window_frames
 from models.beats import BEATs
-from models.tokenizer import SalmonnTokenizer
+from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, load_llm
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 # Q-Former parameter-name prefixes: (ours, the original's), most specific first; `{n}` is a layer number and
 # `{attn}` attention or crossattention. Every other name is the same in both. Both directions use this table.
@@ -122,7 +115,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 # Model keys that decide which tensors a checkpoint holds, and their shapes.
-_SHAPE_KEYS = ("llama_path", "whisper_path", "beats_path", "lora", "lora_rank", "lora_target_modules",
+_SHAPE_KEYS = ("llm_path", "whisper_path", "beats_path", "lora", "lora_rank", "lora_target_modules",
                "num_speech_query_token", "window_level_Qformer", "qformer_hidden_size", "qformer_num_layers",
                "qformer_num_heads", "qformer_intermediate_size", "freeze_whisper", "freeze_beats",
                "freeze_speech_QFormer", "freeze_speech_llama_proj")
@@ -135,8 +128,9 @@ def _config_differences(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
     if not stored:
         return (" (the checkpoint stores no config: was it trained with another lora_rank, lora_target_modules, "
                 "Q-Former size, BEATs or LLM size?)")
+    stored = {**stored, "llm_path": stored.get("llm_path") or stored.get("llama_path")}  # older checkpoints
     differ = [f"model.{k}={stored[k]!r} (this config: {cfg.get(k)!r})" for k in _SHAPE_KEYS
-              if k in stored and _plain(stored[k]) != _plain(cfg.get(k))]
+              if stored.get(k) is not None and _plain(stored[k]) != _plain(cfg.get(k))]
     if not differ:
         return " (its stored config agrees on every key that sets shapes)"
     return "; the checkpoint was trained with " + ", ".join(differ)
@@ -160,14 +154,6 @@ def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
     return p
 
 
-def _check_loading_info(info: dict, what: str, path: str) -> None:
-    missing = sorted(info.get("missing_keys", []))
-    mismatched = sorted(map(str, info.get("mismatched_keys", [])))
-    if missing or mismatched:
-        raise RuntimeError(f"{what} at '{path}' does not match its config: missing weights {missing[:10]}, "
-                           f"shape mismatches {mismatched[:10]}")
-
-
 class WhisperEncoderOnly(WhisperEncoder):
     """Whisper's encoder loaded from a whole Whisper folder: the decoder's tensors are left unread."""
     _keys_to_ignore_on_load_unexpected = [r"^(model\.)?decoder\.", r"^proj_out\."]
@@ -176,10 +162,10 @@ class WhisperEncoderOnly(WhisperEncoder):
 class SALMONN(nn.Module):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
-        cfg = {**MODEL_DEFAULTS, **dict(cfg)}
+        cfg = section_defaults("model", cfg)
         self.cfg = cfg
         if cfg["low_resource"]:
-            raise ValueError("model.low_resource (8-bit LLaMA via bitsandbytes) is not supported; "
+            raise ValueError("model.low_resource (8-bit LLM via bitsandbytes) is not supported; "
                              "set model.torch_dtype: bfloat16 (or float16) to halve memory instead")
         if not cfg["use_speech_Qformer"]:
             raise ValueError("model.use_speech_Qformer: false is not supported (the original raises too)")
@@ -207,10 +193,8 @@ class SALMONN(nn.Module):
         self.speech_query_tokens = nn.Parameter(
             torch.randn(1, cfg["num_speech_query_token"], qcfg.hidden_size) * qcfg.initializer_range)
 
-        llama_dir = _require_dir(cfg["llama_path"], "vicuna-13b-v1.1 / vicuna-7b (Hugging Face LLaMA format)",
-                                 ("config.json", "tokenizer.model"))
-        self.tokenizer = SalmonnTokenizer(llama_dir / "tokenizer.model")
-        self.llama_model = self._load_llama(llama_dir, cfg, dtype)
+        self.text = ChatText.from_config(cfg)  # the LLM's pad and stop ids, and answers back to text
+        self.llama_model = load_llm(cfg["llm_path"], cfg, dtype)
         self.speech_llama_proj = nn.Linear(qcfg.hidden_size, self.llama_model.config.hidden_size)
         if cfg["speech_llama_proj_model"]:
             self._load_projection(cfg["speech_llama_proj_model"])
@@ -220,7 +204,6 @@ class SALMONN(nn.Module):
             raise ValueError("model.cache_frozen_encoders: true needs frozen encoders (model.freeze_whisper and "
                              "model.freeze_beats: true): a trained encoder's outputs change every step")
         self.encoder_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}  # clip -> (Whisper, BEATs)
-        self.targets_cut = 0  # targets cut at max_txt_len, counted for the log
         self.padding_free = False  # run.padding_free (the Runner sets it): forward packs the batch into one row
 
     # ------------------------------------------------------------------ construction
@@ -248,7 +231,7 @@ class SALMONN(nn.Module):
         encoder, info = WhisperEncoderOnly.from_pretrained(
             path, local_files_only=True, dtype=dtype, output_loading_info=True,
             key_mapping={r"^(model\.)?encoder\.": ""})  # WhisperModel or WhisperForConditionalGeneration layout
-        _check_loading_info(info, "Whisper", str(path))
+        check_loading_info(info, "Whisper", path)
         return encoder
 
     @staticmethod
@@ -273,31 +256,6 @@ class SALMONN(nn.Module):
                                     "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt there")
         return BEATs.from_checkpoint(p)
 
-    @staticmethod
-    def _load_llama(path: Path, cfg: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
-        if cfg["random_init"]:  # built in dtype: a 7B LLaMA built in fp32 and then cast would need 27 GB
-            llama = LlamaForCausalLM._from_config(LlamaConfig.from_pretrained(path, local_files_only=True),
-                                                  dtype=dtype)
-        else:
-            if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-                raise FileNotFoundError(f"no weights in '{path}': download the Vicuna/LLaMA weights there")
-            llama, info = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                           output_loading_info=True)
-            _check_loading_info(info, "LLaMA", str(path))
-        for p in llama.parameters():
-            p.requires_grad = False
-        if cfg["lora"]:
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            lora_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=cfg["lora_rank"],
-                                  lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                                  target_modules=list(cfg["lora_target_modules"]))
-            with warnings.catch_warnings():  # peft (<= 0.21) reads transformers' deprecated is_gradient_checkpointing
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                        category=FutureWarning)
-                llama = get_peft_model(llama, lora_cfg)
-        return llama
-
     def _load_projection(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
@@ -321,18 +279,18 @@ class SALMONN(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """The LLM recomputes each decoder layer's activations in the backward pass instead of keeping them
-        (`run.gradient_checkpointing`). Non-reentrant, so the frozen LLaMA needs no input that requires grad and
+        (`run.gradient_checkpointing`). Non-reentrant, so the frozen LLM needs no input that requires grad and
         LoRA still gets its gradients; without gradients (generation) nothing is recomputed and the KV cache is
         used."""
-        llama = self.llama_model.get_base_model() if self.cfg["lora"] else self.llama_model
+        llm = base_llm(self.llama_model)
         # recent transformers 5 releases renamed gradient_checkpointing_enable (now deprecated); earlier ones lack it
-        enable = getattr(llama, "activation_checkpointing_enable", None) or llama.gradient_checkpointing_enable
+        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
         enable({"use_reentrant": False})
 
     def train(self, mode: bool = True) -> "SALMONN":
         """Frozen encoders stay in eval mode (no dropout), as in the original. A merged LoRA cannot train."""
         if mode and self.cfg.get("lora_merged"):
-            raise RuntimeError("this model's LoRA is merged into the LLaMA weights (model.merge_lora: true, "
+            raise RuntimeError("this model's LoRA is merged into the LLM weights (model.merge_lora: true, "
                                "inference only): it cannot be trained; build it with model.merge_lora: false")
         super().train(mode)
         if self.cfg["freeze_whisper"]:
@@ -353,7 +311,7 @@ class SALMONN(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained tensors under the original implementation's names (what its tools and ours read)."""
         if self.cfg.get("lora_merged"):
-            raise RuntimeError("this model's LoRA is merged into the LLaMA weights (model.merge_lora: true): its "
+            raise RuntimeError("this model's LoRA is merged into the LLM weights (model.merge_lora: true): its "
                                "trained LoRA tensors are gone; save or export with model.merge_lora: false")
         return {to_original_name(n): p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -415,7 +373,7 @@ class SALMONN(nn.Module):
         """Inference-time LoRA scaling (alpha / r by default); the SALMONN authors lower it to bring back abilities
         the fine-tune suppressed."""
         if self.cfg.get("lora_merged"):
-            raise ValueError("the LoRA is merged into the LLaMA weights (model.merge_lora: true) at the scaling it "
+            raise ValueError("the LoRA is merged into the LLM weights (model.merge_lora: true) at the scaling it "
                              "had then: set lora_scaling before merging, or set model.merge_lora: false")
         if not self.cfg["lora"]:
             raise ValueError("lora_scaling is set but the model has no LoRA (model.lora: false)")
@@ -425,8 +383,8 @@ class SALMONN(nn.Module):
                     module.scaling[adapter] = float(scale)
 
     def merge_lora(self) -> None:
-        """Folds the LoRA, at its current scaling, into the frozen LLaMA weights (`model.merge_lora`, inference
-        only): generation then runs plain LLaMA layers without the adapter's extra matmuls. cfg records it
+        """Folds the LoRA, at its current scaling, into the frozen LLM weights (`model.merge_lora`, inference
+        only): generation then runs plain LLM layers without the adapter's extra matmuls. cfg records it
         (`lora: false`, `lora_merged: true`) so that the model is not scaled, trained or saved as if unmerged."""
         if not self.cfg["lora"]:
             raise ValueError("model.merge_lora: true, but the model has no LoRA to merge (model.lora: false, or "
@@ -562,63 +520,40 @@ class SALMONN(nn.Module):
             pieces.append(speech[row, first * Q:(first + count) * Q])
         return torch.cat(pieces)
 
-    def _target_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text + self.cfg["end_sym"])
-        limit = self.cfg["max_txt_len"]
-        if len(ids) > limit:
-            end = self.tokenizer.encode(self.cfg["end_sym"]) if self.cfg["end_sym"] else []
-            self.targets_cut += 1
-            log.warning("target of %d tokens cut to max_txt_len=%d (keeping '%s'); %d cut so far: '%s...'",
-                        len(ids), limit, self.cfg["end_sym"], self.targets_cut, text[:60])
-            ids = ids[: limit - len(end)] + end
-        return ids
-
-    def _sequence(self, prompt: str, slot_embeds: list[torch.Tensor],
-                  target: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[bos] + text piece + speech slot + ... + text piece (+ target): (embeds [L, D], labels [L])."""
-        pieces = prompt.split(SPEECH_SLOT)
-        if len(pieces) - 1 != len(slot_embeds):
-            raise ValueError(f"prompt has {len(pieces) - 1} {SPEECH_SLOT} slots but the batch gives "
-                             f"{len(slot_embeds)} speech segments: {prompt[:80]!r}")
-        embed = self.llama_model.get_input_embeddings()
-        device = self.device
-        parts: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-
-        def add_text(ids: list[int], is_target: bool) -> None:
-            if not ids:
-                return
-            t = torch.tensor(ids, dtype=torch.long, device=device)
-            parts.append(embed(t))
-            labels.append(t if is_target else torch.full_like(t, IGNORE_INDEX))
-
-        add_text([self.tokenizer.bos_id], False)
-        for i, piece in enumerate(pieces):
-            add_text(self.tokenizer.encode(piece) if piece else [], False)
-            if i < len(slot_embeds):
-                parts.append(slot_embeds[i].to(self.llm_dtype))
-                labels.append(torch.full((slot_embeds[i].shape[0],), IGNORE_INDEX, dtype=torch.long, device=device))
-        if target is not None:
-            add_text(self._target_ids(target), True)
-        return torch.cat(parts), torch.cat(labels)
+    def _sequence(self, ids: torch.Tensor, labels: torch.Tensor, positions: list[int],
+                  slot_embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's text tokens with each slot's speech tokens spliced in before the id at its position:
+        (embeds [L, D], labels [L]); speech tokens are never targets."""
+        if len(positions) != len(slot_embeds):
+            raise ValueError(f"the batch gives {len(positions)} slot positions but {len(slot_embeds)} speech slots")
+        text = self.llama_model.get_input_embeddings()(ids)  # [T, D]
+        parts, part_labels, start = [], [], 0
+        for position, speech in zip(positions, slot_embeds):
+            parts += [text[start:position], speech.to(text.dtype)]
+            part_labels += [labels[start:position], labels.new_full((speech.shape[0],), IGNORE_INDEX)]
+            start = position
+        return torch.cat([*parts, text[start:]]), torch.cat([*part_labels, labels[start:]])
 
     def _sequences(self, samples: Mapping[str, Any], with_targets: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Encodes the clips and builds each sample's sequence from its prompt (`samples["prompt"]`, built by the
-        dataset): per sample (embeds [L_b, D], labels [L_b])."""
-        if samples.get("prompt") is None:
-            raise ValueError("the batch has no 'prompt': prompts are built by the dataset (dataset_v1.collate)")
-        prompts = list(samples["prompt"])
+        """Encodes the clips and splices them into each sample's token ids (`input_ids` [B, T] with `labels`,
+        `attention_mask` and `prompt_lengths` [B], from dataset_v1.collate): per sample (embeds [L_b, D],
+        labels [L_b]); without targets only the prompt."""
+        if samples.get("input_ids") is None:
+            raise ValueError("the batch has no 'input_ids': prompts are tokenised by the data side "
+                             "(dataset_v1.collate, models.llm.ChatText)")
         speech, atts = self.encode_speech(samples["spectrogram"].to(self.device),
-                                       _to(samples.get("raw_wav"), self.device),
-                                       _to(samples.get("padding_mask"), self.device))
+                                          _to(samples.get("raw_wav"), self.device),
+                                          _to(samples.get("padding_mask"), self.device))
+        ids, labels = samples["input_ids"].to(self.device), samples["labels"].to(self.device)
+        lengths = (samples["attention_mask"].sum(-1) if with_targets else samples["prompt_lengths"]).tolist()
         slots = self._slots_for(samples, speech.shape[0])
-        if len(slots) != len(prompts):
-            raise ValueError(f"batch has {len(prompts)} prompts but {len(slots)} speech_slots entries")
+        if len(slots) != len(ids):
+            raise ValueError(f"batch has {len(ids)} token rows but {len(slots)} speech_slots entries")
         windows_kept = (atts.sum(-1) // self.speech_query_tokens.shape[1]).tolist()  # [C]: a prefix of each clip
         seqs = []
-        for b, prompt in enumerate(prompts):
+        for b, n in enumerate(lengths):
             slot_embeds = [self._slot_tokens(speech, atts, slot, windows_kept) for slot in slots[b]]
-            seqs.append(self._sequence(prompt, slot_embeds, samples["text"][b] if with_targets else None))
+            seqs.append(self._sequence(ids[b, :n], labels[b, :n], samples["slot_positions"][b], slot_embeds))
         return seqs
 
     def _padded(self, seqs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -626,7 +561,7 @@ class SALMONN(nn.Module):
         """The sequences padded to the longest: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
         max_len = max(e.shape[0] for e, _ in seqs)
         pad_embed = self.llama_model.get_input_embeddings()(
-            torch.tensor([self.tokenizer.pad_id], device=self.device))[0]
+            torch.tensor([self.text.pad_id], device=self.device))[0]
         embeds, masks, labels = [], [], []
         for e, lab in seqs:
             n = max_len - e.shape[0]
@@ -658,7 +593,8 @@ class SALMONN(nn.Module):
     def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
         normalise over accumulation steps and ranks. With `padding_free` the batch is one packed row (same loss:
-        each sequence starts with bos, whose label is ignored, so no target is predicted across a boundary)."""
+        each sequence starts with a prompt token, whose label is ignored, so no target is predicted across a
+        boundary)."""
         seqs = self._sequences(samples, with_targets=True)
         if self.padding_free:
             embeds, positions, labels = self._packed_row(seqs)
@@ -677,9 +613,10 @@ class SALMONN(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def generation_config(self, generate_cfg: Mapping[str, Any]) -> GenerationConfig:
+        """The `generate:` settings, stopping at the answer's end token (and eos) of this LLM."""
         gen = GenerationConfig(**dict(generate_cfg))
-        gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
-            self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        gen.eos_token_id, gen.pad_token_id = self.text.stop_ids, self.text.pad_id
+        gen.bos_token_id = self.text.bos_ids[0] if self.text.bos_ids else None
         return gen
 
     @torch.no_grad()
@@ -689,12 +626,8 @@ class SALMONN(nn.Module):
         embeds, mask, _ = self._batch_sequences(samples, with_targets=False, left_pad=True)
         out = self.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                         generation_config=self.generation_config(generate_cfg), streamer=streamer)
-        return [self.tokenizer.decode(_until_eos(ids.tolist(), self.tokenizer.eos_id)).strip() for ids in out]
+        return [self.text.answer(ids.tolist()) for ids in out]
 
 
 def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return x.to(device) if x is not None else None
-
-
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids

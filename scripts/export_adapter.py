@@ -1,4 +1,4 @@
-"""Export a trained SALMONN as a folder that peft reads (adapters.py): the LoRA adapter for the plain LLaMA, and
+"""Export a trained SALMONN as a folder that peft reads (adapters.py): the LoRA adapter for the plain LLM, and
 the speech connector beside it in safetensors. `model.ckpt: DIR` loads it back.
 
     python -m scripts.export_adapter --cfg-path configs/demo.yaml --out outputs/demo/adapter

@@ -5,7 +5,10 @@ through the same code (`from_pretrained`, `BEATs.from_checkpoint`) as whisper-la
   whisper_5s is the same model with a 5 s window (its position table cut to 250 frames);
 - beats.pt: a BEATs checkpoint in Microsoft's fine-tuned layout, `{'cfg', 'model', 'label_dict'}`;
 - llama/: a Hugging Face LLaMA folder (config.json, model.safetensors, tokenizer.model) whose sentencepiece
-  tokenizer is trained on the repo's own text.
+  tokenizer is trained on the repo's own text: the Vicuna stand-in (no chat template);
+- qwen/: a Hugging Face Qwen3 folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+  chat_template.jinja) with a byte-level BPE trained by `tokenizers` on the same zh + en text, the ChatML special
+  tokens and a ChatML chat template with Qwen3's thinking switch (written here).
 
 The weights are a seeded random init, built as SALMONN builds them under `model.random_init: true`, in fp32.
 The tiny models keep the shapes the code depends on: 80 mel bins and 1500 Whisper frames per 30 s.
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM,
+                          WhisperConfig, WhisperFeatureExtractor, WhisperModel)
 
 from models import SAMPLE_RATE
 from models.beats import random_beats_checkpoint
@@ -59,6 +64,42 @@ def tokenizer_model(vocab_size: int) -> bytes:
         num_threads=1, minloglevel=2,
     )
     return model.getvalue()
+
+
+CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # added, not special: a thinking answer decodes with them
+# ChatML, the format Qwen's instruct models are trained on, with Qwen3's switch: enable_thinking=false writes an
+# empty think block after the assistant cue (the model then answers directly).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of the corpus (any text encodes: Chinese, English, bytes), with ChatML's special tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=CHATML_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHATML_TEMPLATE, model_max_length=2048)
+    tokenizer.add_tokens(THINK_TOKENS)
+    return tokenizer
+
+
+def qwen_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.1)  # as the tiny LLaMA: a real LLM's logit scale
 
 
 def whisper_config() -> WhisperConfig:
@@ -113,7 +154,7 @@ def random_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
 
 def build_assets(out: Path, vocab_size: int, seed: int) -> None:
     """Writes every tiny asset into `out` (which must be empty or new). Seeds: Whisper `seed`, BEATs `seed + 1`,
-    LLaMA `seed + 2`."""
+    LLaMA `seed + 2`, Qwen `seed + 3`."""
     whisper = random_whisper(seed)
     for folder, seconds, model in (("whisper", 30, whisper), ("whisper_5s", 5, with_window(whisper, 5))):
         model.save_pretrained(out / folder)
@@ -124,6 +165,10 @@ def build_assets(out: Path, vocab_size: int, seed: int) -> None:
     (llama / "tokenizer.model").write_bytes(tokenizer_model(vocab_size))
     vocab = spm.SentencePieceProcessor(model_file=str(llama / "tokenizer.model")).get_piece_size()
     random_llama(vocab, seed + 2).save_pretrained(llama)
+    tokenizer = qwen_tokenizer(vocab_size=2000)
+    tokenizer.save_pretrained(out / "qwen")
+    torch.manual_seed(seed + 3)
+    Qwen3ForCausalLM(qwen_config(tokenizer)).save_pretrained(out / "qwen")
 
 
 def publish(staging: Path, out: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 
     python -m scripts.memory_plan --llm 13b --batch 2                          # training, GC off and on, 1 GPU
     python -m scripts.memory_plan --llm 7b --batch 4 --gpus 4 --strategy fsdp --gradient-checkpointing on
-    python -m scripts.memory_plan --llm both --infer --batch 8 --beams 4 --answer-tokens 200
+    python -m scripts.memory_plan --llm qwen2.5-7b --infer --batch 8 --beams 4 --answer-tokens 200
     python -m scripts.memory_plan --table                                      # the table of docs/memory.md
 
 Dialogues are --turns user turns of --seconds each, in --mode: per_turn (one 30 s Whisper clip per turn, 88
@@ -19,7 +19,8 @@ import memory_plan as mp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llm", choices=("7b", "13b", "both"), default="both")
+    ap.add_argument("--llm", choices=(*mp.TABLE_LLMS, "all"), default="all",
+                    help="Vicuna 7b/13b (the released checkpoints) or a Qwen LLM")
     ap.add_argument("--batch", type=int, default=1, help="dialogues per GPU (training) or per generate call")
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0, help="audio seconds per turn")
@@ -54,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dialogue = mp.Dialogue.uniform(args.turns, args.seconds, args.mode)
     checkpointing = {"on": [True], "off": [False], "both": [False, True]}[args.gradient_checkpointing]
-    for llm in ("7b", "13b") if args.llm == "both" else (args.llm,):
+    for llm in mp.TABLE_LLMS if args.llm == "all" else (args.llm,):
         shape = mp.released_shape(llm)
         if args.infer:
             plans = [mp.inference_plan(shape, dialogue, args.batch, args.beams, args.answer_tokens,
-                                       title=f"SALMONN-{llm.upper()} inference")]
+                                       title=f"SALMONN ({llm}) inference")]
         else:
             plans = [mp.training_plan(shape, dialogue, args.batch, gc, args.gpus, args.strategy,
-                                      title=f"SALMONN-{llm.upper()} training") for gc in checkpointing]
+                                      title=f"SALMONN ({llm}) training") for gc in checkpointing]
         for plan in plans:
             print(plan.format())
             print(fits_line(plan))

@@ -28,8 +28,8 @@ def demo_wavs(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def session():
     cfg = load_inference_config([str(REPO / "configs/demo.yaml")], [])
-    cfg.model.llama_path, cfg.model.whisper_path, cfg.model.beats_path = (
-        str(REPO / cfg.model.llama_path), str(REPO / cfg.model.whisper_path), str(REPO / cfg.model.beats_path))
+    cfg.model.llm_path, cfg.model.whisper_path, cfg.model.beats_path = (
+        str(REPO / cfg.model.llm_path), str(REPO / cfg.model.whisper_path), str(REPO / cfg.model.beats_path))
     return Assistant(load_model(cfg, torch.device("cpu")), cfg, dict(GREEDY))
 
 

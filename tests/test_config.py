@@ -80,7 +80,7 @@ def test_several_files_merge_in_order(tmp_path: Path) -> None:
     beams = tmp_path / "beams.yaml"
     beams.write_text("generate:\n  num_beams: 4\n  max_new_tokens: 99\n")
     cfg = load_config([str(ROOT / "configs/demo.yaml"), str(beams)], ["generate.max_new_tokens=7"])
-    assert cfg.model.llama_path == "assets/tiny/llama"  # from demo.yaml
+    assert cfg.model.llm_path == "assets/tiny/llama"  # from demo.yaml
     assert cfg.generate.num_beams == 4  # the later file wins over demo.yaml
     assert cfg.generate.max_new_tokens == 7  # the options win over both
 

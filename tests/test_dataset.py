@@ -11,13 +11,14 @@ from dataset_v1 import (AnnotationError, AudioError, build_dataset, collate, loa
                         make_batch, split_clips)
 from config import MODEL_DEFAULTS
 from models import SAMPLE_RATE
+from models.llm import ChatText
 from prompting import SPEECH_SLOT, PromptError
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY = ROOT / "tests" / "parity"
 MODEL_CFG = {"whisper_path": str(PARITY / "whisper_dir"), "prompt_path": str(ROOT / "prompts" / "train_prompt.json"),
              "test_prompt_path": str(ROOT / "prompts" / "test_prompt.json"),
-             "prompt_template": MODEL_DEFAULTS["prompt_template"]}
+             "prompt_template": MODEL_DEFAULTS["prompt_template"], "llm_path": str(PARITY / "llama_dir")}
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +248,16 @@ def test_make_batch_from_files_with_a_plain_question_or_a_full_prompt(tmp_path, 
     for n, rate in enumerate([22050, 8000]):
         paths.append(str(tmp_path / f"turn{n}.wav"))
         sf.write(paths[-1], tone(1.2, rate), rate)
-    batch = make_batch(paths, "How did my emotions change?", feature_extractor, template=MODEL_CFG["prompt_template"])
+    text = ChatText(MODEL_CFG["llm_path"])
+    batch = make_batch(paths, "How did my emotions change?", feature_extractor, text)
     assert batch["speech_slots"] == [[[0], [1]]] and batch["spectrogram"].shape == (2, 80, 3000)
     assert batch["prompt"][0].startswith("USER: Turn 1: <Speech><SpeechHere></Speech>\nTurn 2:")
     assert batch["prompt"][0].endswith("How did my emotions change?\nASSISTANT:")
-    full = "USER: <Speech><SpeechHere></Speech> Describe it.\nASSISTANT:"
-    assert make_batch(paths[:1], full, feature_extractor, template=MODEL_CFG["prompt_template"])["prompt"] == [full]
+    assert batch["input_ids"][0].tolist() == text.prompt_ids(batch["prompt"][0])[0] + text.end_ids
+    full = "<Speech><SpeechHere></Speech> Describe it."
+    assert make_batch(paths[:1], full, feature_extractor, text)["prompt"] == [f"USER: {full}\nASSISTANT:"]
     with pytest.raises(PromptError, match="1 <SpeechHere> slots for 2 audio file"):
-        make_batch(paths, full, feature_extractor, template=MODEL_CFG["prompt_template"])
+        make_batch(paths, full, feature_extractor, text)
 
 
 def test_demo_corpus_loads_through_the_demo_config(feature_extractor):

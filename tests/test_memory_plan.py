@@ -219,13 +219,13 @@ def speech_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("trim", [False, True], ids=["untrimmed", "trimmed"])
 def test_speech_side_is_what_autograd_keeps(speech_folders, precision, trim):
     f = speech_folders
-    model_cfg = {**MODEL_DEFAULTS, "llama_path": str(f["llama"]), "whisper_path": str(f["whisper"]),
+    model_cfg = {**MODEL_DEFAULTS, "llm_path": str(f["llama"]), "whisper_path": str(f["whisper"]),
                  "beats_path": str(f["beats"]), "random_init": True, "torch_dtype": precision.weights,
                  "trim_speech_padding": trim}
     torch.manual_seed(0)
     model = SALMONN(model_cfg).train()
     batch = make_batch([str(f["root"] / "turn0.wav"), str(f["root"] / "turn1.wav")], "Describe it.",
-                       load_feature_extractor(f["whisper"]), template=MODEL_DEFAULTS["prompt_template"])
+                       load_feature_extractor(f["whisper"]), model.text)
     saved = SavedTensors(storages_of(model))
     saved.active = True
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.autocast)
@@ -290,8 +290,9 @@ def test_table_has_every_configuration():
     table = mp.table_markdown().splitlines()
     assert table[0].split(" | ")[-4:] == ["A100-40", "A100-80", "H100-80", "4 x A40-46 |"]
     rows = table[2:]
-    assert len(rows) == 2 * (3 * 2 * 2 * 2 + 2)  # LLMs x (batch x audio x GC x strategy + 2 inference rows)
-    assert sum("infer" in r for r in rows) == 4 and sum("FSDP x 4" in r for r in rows) == 24
+    assert len(rows) == 4 * (3 * 2 * 2 * 2 + 2)  # LLMs x (batch x audio x GC x strategy + 2 inference rows)
+    assert sum("infer" in r for r in rows) == 8 and sum("FSDP x 4" in r for r in rows) == 48
+    assert {r.split(" | ")[0].strip("| ") for r in rows} == {"7b", "13b", "qwen2.5-7b", "qwen3-8b"}
 
 
 def test_cli_prints_itemised_plans(capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import prompt_tokens
 from models.salmonn import SALMONN
 from models.tokenizer import SalmonnTokenizer
 
@@ -104,8 +105,7 @@ def _enc(batch: dict) -> dict:
 def test_training_step_updates_only_qformer_projection_norms_and_lora():
     m = build()
     m.train()
-    batch = {**clips(2.0, 3.5), "prompt": [PROMPT, PROMPT], "text": ["happy then sad", "angry"],
-             "task": ["emotion_recognition"] * 2}
+    batch = {**clips(2.0, 3.5), **prompt_tokens(m.text, [PROMPT, PROMPT], ["happy then sad", "angry"])}
     out = m(batch)
     assert torch.isfinite(out["loss"]) and int(out["num_tokens"]) > 0
     out["loss"].backward()
@@ -122,7 +122,8 @@ def test_training_step_updates_only_qformer_projection_norms_and_lora():
 
 def test_generate_returns_clean_text(model):
     batch = clips(1.5, 2.5)
-    texts = model.generate({**batch, "prompt": [PROMPT] * 2}, {"max_new_tokens": 8, "num_beams": 1, "do_sample": False})
+    texts = model.generate({**batch, **prompt_tokens(model.text, [PROMPT] * 2)},
+                           {"max_new_tokens": 8, "num_beams": 1, "do_sample": False})
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert not any(tok in t for t in texts for tok in ("<s>", "</s>", "<unk>"))
 
@@ -137,8 +138,8 @@ def test_batch_invariance_encode_and_generate(model):
             torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     prompts = [PROMPT, "USER: <Speech><SpeechHere></Speech> A much longer question about the audio?\nASSISTANT:",
                PROMPT]
-    together = model.generate({**batch, "prompt": prompts}, gen)
-    alone = [model.generate({**rows(batch, [i]), "prompt": [prompts[i]]}, gen)[0] for i in range(3)]
+    together = model.generate({**batch, **prompt_tokens(model.text, prompts)}, gen)
+    alone = [model.generate({**rows(batch, [i]), **prompt_tokens(model.text, [prompts[i]])}, gen)[0] for i in range(3)]
     assert together == alone
 
 
@@ -153,7 +154,7 @@ def test_checkpoint_round_trip_in_original_key_format(tmp_path, model):
     randomize_trainable(other, 99)
     other.load_checkpoint(path)
     other.eval()
-    batch = {**clips(2.0), "prompt": [PROMPT], "text": ["calm"], "task": ["x"]}
+    batch = {**clips(2.0), **prompt_tokens(model.text, [PROMPT], ["calm"])}
     with torch.no_grad():
         a, b = model(batch), other(batch)
     assert torch.equal(a["logits"], b["logits"])
@@ -197,8 +198,10 @@ def test_real_paths_without_weights_say_what_to_download(tmp_path):
             shutil.copy(f"assets/tiny/{folder}/{name}", tmp_path / folder)
     with pytest.raises(FileNotFoundError, match="(?i)no weights in .*whisper.*download"):
         SALMONN.from_config(tiny_cfg(whisper_path=str(tmp_path / "whisper")))
-    with pytest.raises(FileNotFoundError, match="(?i)no weights in .*llama.*download"):
-        SALMONN.from_config(tiny_cfg(llama_path=str(tmp_path / "llama")))
+    with pytest.raises(FileNotFoundError, match="(?i)no weights in model.llm_path .*llama.*download"):
+        SALMONN.from_config(tiny_cfg(llm_path=str(tmp_path / "llama")))
+    with pytest.raises(FileNotFoundError, match="(?i)download the LLM.*nowhere"):
+        SALMONN.from_config(tiny_cfg(llm_path=str(tmp_path / "nowhere")))
     with pytest.raises(FileNotFoundError, match="(?i)BEATs.*download"):
         SALMONN.from_config(tiny_cfg(beats_path=str(tmp_path / "BEATs.pt")))
     (tmp_path / "beats.json").write_text('{"encoder_layers": 2}')
@@ -212,28 +215,35 @@ def test_several_speech_slots_and_long_turns(model):
     """A two-turn prompt: turn 1 has two clips (a >30 s turn), turn 2 one clip."""
     batch = clips(2.0, 1.5, 3.0)
     two_turns = "USER: Turn 1: <Speech><SpeechHere></Speech>\nTurn 2: <Speech><SpeechHere></Speech> Q?\nASSISTANT:"
-    samples = {**batch, "speech_slots": [[[0, 1], [2]]], "prompt": [two_turns], "text": ["ok"], "task": ["x"]}
+    samples = {**batch, "speech_slots": [[[0, 1], [2]]], **prompt_tokens(model.text, [two_turns], ["ok"])}
     with torch.no_grad():
         embeds, mask, labels = model._batch_sequences(samples, with_targets=True, left_pad=False)
-    tok = model.tokenizer
+    tok = model.text.tokenizer
     text_tokens = sum(len(tok.encode(p)) for p in two_turns.split("<SpeechHere>")) + 1  # + bos
     target = len(tok.encode("ok</s>"))
     assert embeds.shape[1] == text_tokens + 3 * 88 + target
     assert int((labels != -100).sum()) == target
+    # the speech tokens sit exactly at the slot positions: nothing of the text moved or lost
+    positions = samples["slot_positions"][0]
+    text_embeds = model.llama_model.get_input_embeddings()(samples["input_ids"][0])
+    torch.testing.assert_close(embeds[0, :positions[0]], text_embeds[:positions[0]])
+    after_first = positions[0] + 2 * 88
+    torch.testing.assert_close(embeds[0, after_first:after_first + positions[1] - positions[0]],
+                               text_embeds[positions[0]:positions[1]])
     bad = {**samples, "speech_slots": [[[0], [1], [2]]]}
-    with pytest.raises(ValueError, match="2 <SpeechHere> slots but the batch gives 3"):
+    with pytest.raises(ValueError, match="2 slot positions but 3 speech slots"):
         model._batch_sequences(bad, with_targets=True, left_pad=False)
 
 
-def test_long_target_is_cut_with_a_warning_and_keeps_end_symbol(caplog):
+def test_long_target_is_cut_and_keeps_its_end_token():
     m = build(max_txt_len=5)
-    ids = m._target_ids("one two three four five six seven eight nine ten")
-    assert len(ids) == 5 and ids[-1] == m.tokenizer.eos_id
-    assert "cut to max_txt_len=5" in caplog.text and m.targets_cut == 1
+    ids, cut = m.text.target_ids("one two three four five six seven eight nine ten")
+    assert cut and len(ids) == 5 and ids[-1] == m.text.eos_id
+    assert m.text.target_ids("one") == (m.text.encode("one") + [m.text.eos_id], False)
 
 
 def test_lora_scaling_zero_is_the_base_model(model):
-    batch = {**clips(2.0), "prompt": [PROMPT], "text": ["calm"], "task": ["x"]}
+    batch = {**clips(2.0), **prompt_tokens(model.text, [PROMPT], ["calm"])}
     with torch.no_grad():
         scaled = model(batch)["logits"]
         model.set_lora_scaling(0.0)
@@ -270,7 +280,7 @@ def test_base_model_folder_missing_a_weight_is_an_error(tmp_path):
     dropped = next(k for k in weights if "encoder.layers.1.fc1.weight" in k)
     del weights[dropped]
     save_file(weights, str(whisper / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(RuntimeError, match="layers.1.fc1.weight"):
+    with pytest.raises(ValueError, match="missing keys.*layers.1.fc1.weight"):
         SALMONN._load_whisper_encoder(whisper, random_init=False, dtype=torch.float32)
 
 

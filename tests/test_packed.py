@@ -84,15 +84,13 @@ def slot_embeddings(model: SALMONN, batch: dict) -> list[list[torch.Tensor]]:
     with torch.no_grad():
         embeds, mask, _ = model._batch_sequences(batch, with_targets=False, left_pad=False)
     samples = []
-    for b, prompt in enumerate(batch["prompt"]):
-        pieces = prompt.split(SPEECH_SLOT)
-        position, slots = 1, []  # after bos
-        for piece, slot in zip(pieces, batch["speech_slots"][b]):
-            position += len(model.tokenizer.encode(piece)) if piece else 0
+    for b, positions in enumerate(batch["slot_positions"]):
+        speech_so_far, slots = 0, []
+        for position, slot in zip(positions, batch["speech_slots"][b]):
             size = sum(n for _, _, n in slot) * model.cfg["num_speech_query_token"]
-            slots.append(embeds[b, position:position + size])
-            position += size
-        assert position + len(model.tokenizer.encode(pieces[-1])) == int(mask[b].sum())  # every token accounted for
+            slots.append(embeds[b, position + speech_so_far:position + speech_so_far + size])
+            speech_so_far += size
+        assert speech_so_far + int(batch["prompt_lengths"][b]) == int(mask[b].sum())  # every token accounted for
         samples.append(slots)
     return samples
 
@@ -264,8 +262,7 @@ def test_trimmed_speech_tokens_per_turn_mode(tmp_path, model, feature_extractor,
     batch = collate([dataset[0]])
     with torch.no_grad():
         _, mask, _ = model._batch_sequences(batch, with_targets=False, left_pad=False)
-    text = 1 + sum(len(model.tokenizer.encode(p)) for p in batch["prompt"][0].split(SPEECH_SLOT) if p)
-    assert int(mask.sum()) - text == expected_windows(lengths, mode)
+    assert int(mask.sum()) - int(batch["prompt_lengths"][0]) == expected_windows(lengths, mode)
     assert expected_windows(lengths, mode) == {"per_turn": 3 + 6 + 14 + 3, "concat": 14, "packed": 1 + 6 + 18,
                                                "single_clip": 14 + 3}[mode]
 
@@ -276,8 +273,7 @@ def test_packed_slots_hold_only_the_turns_windows_untrimmed_too(tmp_path, featur
     untrimmed = SALMONN.from_config(demo_model_cfg(trim_speech_padding=False)).eval()
     with torch.no_grad():
         _, mask, _ = untrimmed._batch_sequences(batch, with_targets=False, left_pad=False)
-    text = 1 + sum(len(untrimmed.tokenizer.encode(p)) for p in batch["prompt"][0].split(SPEECH_SLOT) if p)
-    assert int(mask.sum()) - text == 1 + 6  # of the clip's 14 windows
+    assert int(mask.sum()) - int(batch["prompt_lengths"][0]) == 1 + 6  # of the clip's 14 windows
 
 
 # ---------------------------------------------------------------------------------------------- padding-free

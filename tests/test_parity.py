@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import prompt_tokens
 from models.salmonn import SALMONN
 
 PARITY = Path(__file__).parent / "parity"
@@ -131,7 +132,7 @@ def test_forward_end_to_end_single_clip(variant, inputs):
     if name == "with_beats":
         pytest.skip("original's batched clip0 includes BEATs padding leakage (behaviour 3)")
     prompt = META["variants"][name]["info"]["forward_prompts"][0]
-    samples = {**clip(inputs, 0), "prompt": [prompt], "text": [META["dataset_batch"]["text"][0]],
+    samples = {**clip(inputs, 0), **prompt_tokens(model.text, [prompt], [META["dataset_batch"]["text"][0]]),
                "task": ["emotion_recognition"]}
     with torch.no_grad():
         out = model(samples)
@@ -177,7 +178,8 @@ def test_generate_end_to_end_single_clip(variant, inputs, i):
     prompt = META["variants"][name]["info"]["generate_prompt"]
     samples = clip(inputs, i)
     with torch.no_grad():
-        embeds, mask, _ = model._batch_sequences({**samples, "prompt": [prompt]}, with_targets=False, left_pad=True)
+        embeds, mask, _ = model._batch_sequences({**samples, **prompt_tokens(model.text, [prompt])},
+                                                 with_targets=False, left_pad=True)
         torch.testing.assert_close(embeds, ref["generate.inputs_embeds"][i : i + 1], atol=ATOL, rtol=ATOL)
         out = model.llama_model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=10, do_sample=False,

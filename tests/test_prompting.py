@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from prompting import (SPEECH_SLOT, SPEECH_TAG, PromptError, TurnText, apply_template, choose_prompt,
-                       expand_turns, fill_question, load_prompts, prompt_key, question_prompt)
+from models.llm import ChatText
+from prompting import (SPEECH_SLOT, SPEECH_TAG, PromptError, TurnText, choose_prompt, conversation, expand_turns,
+                       fill_question, load_prompts, prompt_key, question_messages)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "USER: {}\nASSISTANT:"
+VICUNA = ChatText(ROOT / "tests/parity/llama_dir", prompt_template=TEMPLATE)  # no chat template: the plain wrap
 DIALOGUE_TASKS = ("emotional_trajectory", "emotional_reasoning", "empathy")
 
 
@@ -19,22 +21,24 @@ def write_prompts(tmp_path: Path, prompts: dict) -> str:
     return str(path)
 
 
-def test_each_prompt_is_wrapped_once_and_keeps_its_own_braces(tmp_path):
+def test_each_prompt_is_wrapped_once_when_rendered_and_keeps_its_own_braces(tmp_path):
     path = write_prompts(tmp_path, {"QA": [f"{SPEECH_TAG} {{}}"], "asr": [f"{SPEECH_TAG} Transcribe.",
                                                                           f"{SPEECH_TAG} Write it down."]})
-    prompts = load_prompts(path, TEMPLATE)
-    assert prompts["QA"] == [f"USER: {SPEECH_TAG} {{}}\nASSISTANT:"]
+    prompts = load_prompts(path)
+    assert prompts["QA"] == [f"{SPEECH_TAG} {{}}"]  # the user's message; the LLM's template comes at tokenising
+    assert VICUNA.render(conversation(prompts["QA"][0], None, "en", False)) == f"USER: {SPEECH_TAG} {{}}\nASSISTANT:"
     for prompt in prompts["asr"]:
-        assert prompt.count("USER:") == 1 and prompt.count("ASSISTANT:") == 1
-        assert "{}" not in prompt
+        rendered = VICUNA.render(conversation(prompt, None, "en", False))
+        assert rendered.count("USER:") == 1 and rendered.count("ASSISTANT:") == 1
+        assert "{}" not in rendered
 
 
 def test_prompt_without_speech_slot_is_dropped_with_a_warning_naming_task_and_prompt(tmp_path, caplog):
     path = write_prompts(tmp_path, {"emotion_recognition": [f"{SPEECH_TAG} One word.", "No tag here."],
                                     "text_only": ["Only text."]})
     with caplog.at_level(logging.WARNING, logger="prompting"):
-        prompts = load_prompts(path, TEMPLATE)
-    assert prompts == {"emotion_recognition": [f"USER: {SPEECH_TAG} One word.\nASSISTANT:"]}
+        prompts = load_prompts(path)
+    assert prompts == {"emotion_recognition": [f"{SPEECH_TAG} One word."]}
     warnings = " ".join(r.getMessage() for r in caplog.records)
     assert "'emotion_recognition'" in warnings and "No tag here." in warnings
     assert "'text_only'" in warnings
@@ -42,14 +46,18 @@ def test_prompt_without_speech_slot_is_dropped_with_a_warning_naming_task_and_pr
 
 def test_missing_prompt_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        load_prompts(str(tmp_path / "nowhere.json"), TEMPLATE)
+        load_prompts(str(tmp_path / "nowhere.json"))
 
 
-def test_template_needs_exactly_one_slot():
-    with pytest.raises(PromptError, match="exactly one"):
-        apply_template("x", "USER: {} and {}")
-    with pytest.raises(PromptError, match="exactly one"):
-        apply_template("x", "USER:")
+def test_template_needs_exactly_one_slot_and_wraps_one_user_message():
+    user = [{"role": "user", "content": "x"}]
+    for bad in ("USER: {} and {}", "USER:"):
+        with pytest.raises(ValueError, match="exactly one"):
+            ChatText(ROOT / "tests/parity/llama_dir", prompt_template=bad).render(user)
+    with pytest.raises(ValueError, match="one user message"):
+        VICUNA.render(user + [{"role": "assistant", "content": "y"}] + user)
+    with_system = ChatText(ROOT / "tests/parity/llama_dir", system_prompt="Be brief.")
+    assert with_system.render(user) == "Be brief. USER: x\nASSISTANT:"
 
 
 def test_fill_question_is_literal_with_other_braces():
@@ -95,11 +103,32 @@ def test_expand_turns_needs_exactly_one_tag():
         expand_turns(f"{SPEECH_TAG} and {SPEECH_TAG}", [TurnText()])
 
 
-def test_question_prompt_single_file_is_the_original_form_and_several_files_get_turns():
-    assert question_prompt("What is said?", 1, TEMPLATE) == f"USER: {SPEECH_TAG} What is said?\nASSISTANT:"
-    several = question_prompt("What changed?", 3, TEMPLATE)
+def test_question_single_file_is_the_original_form_and_several_files_get_turns():
+    assert VICUNA.render(question_messages("What is said?", 1, "en", real_turns=False)) == \
+        f"USER: {SPEECH_TAG} What is said?\nASSISTANT:"
+    several = VICUNA.render(question_messages("What changed?", 3, "en", real_turns=False))
     assert several.count(SPEECH_SLOT) == 3 and several.startswith("USER: Turn 1: ")
     assert several.endswith("What changed?\nASSISTANT:")
+    turns = question_messages("What changed?", 3, "en", real_turns=True)
+    assert [m["role"] for m in turns] == ["user"] * 3
+    assert [m["content"] for m in turns] == [SPEECH_TAG, SPEECH_TAG, f"{SPEECH_TAG}\nWhat changed?"]
+
+
+def test_real_turns_put_each_turn_in_its_own_message_and_earlier_replies_between_them():
+    prompt = f"{SPEECH_TAG} How did my emotions change?"
+    turns = [TurnText("first words", "reply one"), TurnText("second words", "reply two"), TurnText("question", "x")]
+    messages = conversation(prompt, turns, "en", real_turns=True)
+    assert messages == [
+        {"role": "user", "content": f"{SPEECH_TAG} Transcript: first words"},
+        {"role": "assistant", "content": "reply one"},
+        {"role": "user", "content": f"{SPEECH_TAG} Transcript: second words"},
+        {"role": "assistant", "content": "reply two"},
+        {"role": "user", "content": f"{SPEECH_TAG} Transcript: question\nHow did my emotions change?"},
+    ]  # the last turn's reply is never shown: it is what the model answers
+    audio_only = conversation(prompt, [TurnText(), TurnText()], "zh", real_turns=True)
+    assert [m["content"] for m in audio_only] == [SPEECH_TAG, f"{SPEECH_TAG}\nHow did my emotions change?"]
+    with pytest.raises(PromptError, match="exactly one"):
+        conversation(f"{SPEECH_TAG} {SPEECH_TAG}", turns, "en", real_turns=True)
 
 
 def test_prompt_key_prefers_the_language_variant():
@@ -111,7 +140,7 @@ def test_prompt_key_prefers_the_language_variant():
 @pytest.mark.parametrize("name", ["train_prompt.json", "test_prompt.json"])
 def test_shipped_prompt_files_cover_the_dialogue_tasks_in_both_languages(name, caplog):
     with caplog.at_level(logging.WARNING, logger="prompting"):
-        prompts = load_prompts(str(ROOT / "prompts" / name), TEMPLATE)
+        prompts = load_prompts(str(ROOT / "prompts" / name))
     assert not caplog.records  # every shipped prompt is usable
     for task in DIALOGUE_TASKS:
         for key in (task, f"{task}_zh"):
@@ -123,16 +152,20 @@ def test_shipped_prompt_files_cover_the_dialogue_tasks_in_both_languages(name, c
 
 
 def test_train_and_test_prompt_files_have_the_same_tasks():
-    train = load_prompts(str(ROOT / "prompts" / "train_prompt.json"), TEMPLATE)
-    test = load_prompts(str(ROOT / "prompts" / "test_prompt.json"), TEMPLATE)
+    train = load_prompts(str(ROOT / "prompts" / "train_prompt.json"))
+    test = load_prompts(str(ROOT / "prompts" / "test_prompt.json"))
     assert set(train) == set(test)
 
 
 def test_parity_prompts_match_the_original():
     """The original's prompts after template and Q filling, as recorded in tests/parity (README, forward.*)."""
-    prompts = load_prompts(str(ROOT / "tests" / "parity" / "prompts" / "train_prompt_tiny.json"), TEMPLATE)
+    prompts = load_prompts(str(ROOT / "tests" / "parity" / "prompts" / "train_prompt_tiny.json"))
     assert len(prompts["emotion_recognition"]) == 1  # the prompt without a tag is dropped
-    assert choose_prompt(prompts, "emotion_recognition", "") == \
+
+    def rendered(task: str, question: str) -> str:
+        return VICUNA.render(conversation(choose_prompt(prompts, task, question), None, "en", False))
+
+    assert rendered("emotion_recognition", "") == \
         "USER: <Speech><SpeechHere></Speech> Describe the emotion of the speaker in one word.\nASSISTANT:"
-    assert choose_prompt(prompts, "QA", "What is the speaker doing?") == \
+    assert rendered("QA", "What is the speaker doing?") == \
         "USER: <Speech><SpeechHere></Speech> What is the speaker doing?\nASSISTANT:"

@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMod
 
 import train
 from dataset_v1 import build_dataset, collate
-from models.real_size import VICUNA, released_model_config, write_config_folders
+from models.real_size import QWEN, VICUNA, released_model_config, write_config_folders
 from models.salmonn import SALMONN, CheckpointError, to_original_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,29 @@ def test_real_size_parameter_counts(meta_models):
         lora, projection = layers * 2 * 8 * 2 * hidden, hidden * 768 + hidden
         encoder_side[size] = trainable - lora - projection
     assert encoder_side["13b"] == encoder_side["7b"]
+
+
+QWEN_PARAMETERS = {"qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360}  # published: 7.61B and 8.19B
+
+
+@pytest.mark.parametrize("name", list(QWEN))
+def test_qwen_salmonn_builds_on_meta_with_the_published_llm_size(real_configs, tmp_path, name):
+    """The same connector and LoRA on Qwen2.5-7B / Qwen3-8B: their config's architecture (Qwen2 with q/k/v biases,
+    Qwen3 with q/k norms), their chat template, and the memory plan counting exactly what was built."""
+    import memory_plan as mp
+
+    folders = {**real_configs, **write_config_folders(tmp_path, (name,))}
+    model = build_on_meta(folders, name)
+    llm = model.llama_model.get_base_model()
+    assert type(llm).__name__ == {"qwen2.5-7b": "Qwen2ForCausalLM", "qwen3-8b": "Qwen3ForCausalLM"}[name]
+    base = sum(p.numel() for n, p in llm.named_parameters() if ".lora_" not in n)
+    assert base == QWEN_PARAMETERS[name] == mp.llm_parameters(mp.released_shape(name).llm)
+    lora = sum(p.numel() for n, p in llm.named_parameters() if ".lora_" in n)
+    assert lora == mp.lora_parameters(mp.released_shape(name).llm, mp.released_shape(name).lora)
+    hidden = QWEN[name]["hidden_size"]
+    assert model.speech_llama_proj.weight.shape == (hidden, 768)
+    assert model.text.uses_chat_template and model.text.end_ids == [model.text.tokenizer.convert_tokens_to_ids(
+        "<|im_end|>")]
 
 
 def test_13b_checkpoint_into_the_7b_model_names_the_key_and_both_shapes(meta_models):

@@ -22,14 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets/tiny"
 CLIPS = [ROOT / "data/demo/audio/task1_5/en_0005_0033_1.ogg", ROOT / "data/demo/audio/task1_5/en_0005_0033_2.ogg"]
 STALE = "assets/tiny differs from what the script builds: rerun python -m scripts.make_tiny_assets"
-PROMPT = "USER: <Speech><SpeechHere></Speech> Describe the emotion.\nASSISTANT:"
-TWO_TURNS = ("USER: Turn 1: <Speech><SpeechHere></Speech>\nTurn 2: <Speech><SpeechHere></Speech> How did I feel?"
-             "\nASSISTANT:")
+PROMPT = "<Speech><SpeechHere></Speech> Describe the emotion."  # the user's message: make_batch applies the template
+TWO_TURNS = "Turn 1: <Speech><SpeechHere></Speech>\nTurn 2: <Speech><SpeechHere></Speech> How did I feel?"
 
 
 def demo_model_cfg(config: str = "configs/demo.yaml", **overrides) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / config).model)
-    for key in ("llama_path", "whisper_path", "beats_path", "prompt_path", "test_prompt_path"):
+    for key in ("llm_path", "whisper_path", "beats_path", "prompt_path", "test_prompt_path"):
         cfg[key] = str(ROOT / cfg[key]) if cfg[key] else ""
     cfg.update({"lora_dropout": 0.0, "ckpt": "", **overrides})  # trained parts from their init unless a test loads some
     return cfg
@@ -150,7 +149,7 @@ def test_demo_configs_load_the_saved_weights_and_hear_the_clips(config):
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         if name.split(".")[0] in frozen or (name.startswith("llama_model.") and "lora_" not in name):
             assert torch.equal(a, b), name
-    batch = make_batch([str(p) for p in CLIPS], TWO_TURNS, load_feature_extractor(cfg["whisper_path"]), template="{}")
+    batch = make_batch([str(p) for p in CLIPS], TWO_TURNS, load_feature_extractor(cfg["whisper_path"]), model.text)
     assert batch["spectrogram"].shape[0] == 2  # one clip per file: both turns are shorter than the window
     with torch.no_grad():
         speech, audio, audio_pad = model.encoder_outputs(batch["spectrogram"], batch["raw_wav"], batch["padding_mask"])
@@ -180,9 +179,8 @@ def test_demo_config_loads_a_checkpoint_in_the_released_key_format(tmp_path):
     fresh = SALMONN.from_config(demo_model_cfg()).eval()
     torch.manual_seed(1)
     loaded = SALMONN.from_config(demo_model_cfg(ckpt=str(path))).eval()
-    batch = {**make_batch([str(CLIPS[0])], PROMPT, load_feature_extractor(demo_model_cfg()["whisper_path"]),
-                          template="{}"),
-             "text": ["calm"]}
+    batch = make_batch([str(CLIPS[0])], PROMPT, load_feature_extractor(demo_model_cfg()["whisper_path"]),
+                       trained.text)
     with torch.no_grad():
         expected, before, after = (m(batch)["logits"] for m in (trained, fresh, loaded))
     assert not torch.allclose(before, expected)
