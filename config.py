@@ -103,6 +103,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "nonfinite_loss": "stop",  # stop | skip (skip the step and count it)
         "valid_every_steps": 0,  # 0 = validate at the end of each epoch only
         "valid_decode_samples": 0,  # decode this many validation samples and score them with metrics.py
+        "alignment_check": True,  # ASR samples among them are decoded again with their audio silenced
+                                  # (silenced/<task>/<lang>/wer|cer): an unaligned connector scores the same
         "best_metric": "acc",  # a validation metric name: loss, acc, or a decode metric (e.g. wer)
         "best_metric_mode": "max",  # max | min
         "save_every_steps": 0,  # 0 = checkpoint at the end of each epoch only

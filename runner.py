@@ -15,6 +15,7 @@ Conventions that the tests rely on:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -536,6 +537,7 @@ class Runner:
         if self.run_cfg.valid_decode_samples:
             records = self.decode("valid", limit=self.run_cfg.valid_decode_samples)
             metrics.update(broadcast_object(score_records(records) if self.dist.is_main else None))
+            metrics.update(self.alignment_check(records))
         self.wrapped.train()
         if self.dist.is_main:
             log.info("valid at step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -543,6 +545,25 @@ class Runner:
                 self.writer.add_scalar(f"valid/{name}", value, self.step)
         self._append_metrics({"kind": "valid", "step": self.step, **metrics})
         return metrics
+
+    def alignment_check(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """`run.alignment_check`: the decoded ASR samples again with their audio silenced (zeros of the same
+        length), scored as `silenced/<task>/<lang>/<wer|cer>`. A connector that has aligned to the LLM scores far
+        better with the audio; one that has not scores the same (stage 1's first question: is it listening?)."""
+        dataset = self.datasets["valid"]
+        asr = broadcast_object(any(r["task"].startswith("asr") for r in records) if self.dist.is_main else None)
+        if not (self.run_cfg.alignment_check and asr) or getattr(dataset, "silence_audio", True):
+            return {}
+        self.datasets["valid_silenced"] = copy.copy(dataset)
+        self.datasets["valid_silenced"].silence_audio = True
+        silenced = self.decode("valid_silenced", limit=self.run_cfg.valid_decode_samples)
+        scores = broadcast_object({f"silenced/{k}": v for k, v in score_records(
+            [r for r in silenced if r["task"].startswith("asr")]).items()} if self.dist.is_main else None)
+        if self.dist.is_main:
+            audio = score_records([r for r in records if r["task"].startswith("asr")])
+            log.info("alignment check at step %d: %s", self.step, "; ".join(
+                f"{k} {v:.1f} with audio, {scores['silenced/' + k]:.1f} silenced" for k, v in audio.items()))
+        return scores
 
     @torch.no_grad()
     def decode(self, split: str, limit: int = 0) -> list[dict[str, Any]]:

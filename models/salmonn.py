@@ -99,7 +99,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: '{path}' (download salmonn_v1.pth / salmonn_7b_v0.pth "
-                                "there, or fix model.ckpt)")
+                                "there, run the training stage that writes it, or fix model.ckpt)")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint")
@@ -121,10 +121,15 @@ _SHAPE_KEYS = ("llm_path", "whisper_path", "beats_path", "lora", "lora_rank", "l
                "freeze_speech_QFormer", "freeze_speech_llama_proj")
 
 
+def _stored_model_config(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The `model:` section a checkpoint stores (ours and the runner's store the whole config), or {}."""
+    stored = ckpt.get("config", {})
+    return stored.get("model", stored) if isinstance(stored, Mapping) else {}
+
+
 def _config_differences(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
     """What the checkpoint's stored model config (when it has one) says differently from this model's."""
-    stored = ckpt.get("config", {})
-    stored = stored.get("model", stored) if isinstance(stored, Mapping) else {}
+    stored = _stored_model_config(ckpt)
     if not stored:
         return (" (the checkpoint stores no config: was it trained with another lora_rank, lora_target_modules, "
                 "Q-Former size, BEATs or LLM size?)")
@@ -315,8 +320,10 @@ class SALMONN(nn.Module):
                                "trained LoRA tensors are gone; save or export with model.merge_lora: false")
         return {to_original_name(n): p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Strict load: every trained tensor must be present with its shape; leftovers are listed, then ignored."""
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                                  fresh_lora: bool = False) -> None:
+        """Strict load: every trained tensor must be present with its shape (the LoRA's excepted with `fresh_lora`:
+        they keep their init); leftovers are listed, then ignored."""
         params = dict(self.named_parameters())
         ignored, unexpected = [], []
         for key, value in state.items():
@@ -331,7 +338,7 @@ class SALMONN(nn.Module):
             raise CheckpointKeyError(f"{source}: {len(unexpected)} keys match no tensor of this model, e.g. "
                                      f"{unexpected[:5]}")
         missing = [to_original_name(n) for n, p in params.items() if p.requires_grad
-                   and to_original_name(n) not in state]
+                   and to_original_name(n) not in state and not (fresh_lora and ".lora_" in n)]
         if missing:
             raise CheckpointKeyError(f"{source}: {len(missing)} trained tensors are missing, e.g. {missing[:5]}")
         if ignored:
@@ -359,12 +366,18 @@ class SALMONN(nn.Module):
 
     def load_checkpoint_dict(self, ckpt: Mapping[str, Any], source: str) -> None:
         """The trained tensors of a loaded checkpoint (strict); a mismatch names the keys and, from the config the
-        checkpoint stores, the model settings that differ."""
+        checkpoint stores, the model settings that differ. A checkpoint whose stored config says it was trained
+        without LoRA (stage 1: connector only) starts a model with LoRA (stage 2) with the LoRA at its init."""
         state = ckpt["model"] if "model" in ckpt else ckpt
         if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
             raise CheckpointError(f"{source}: its 'model' entry is not a mapping of tensor names to tensors")
+        fresh_lora = self.cfg["lora"] and _stored_model_config(ckpt).get("lora") is False and not any(
+            ".lora_" in key for key in state)
+        if fresh_lora:
+            log.info("%s was trained without LoRA (stage 1): its connector is loaded, the LoRA starts at its init",
+                     source)
         try:
-            self.load_trainable_state_dict(state, source=source)
+            self.load_trainable_state_dict(state, source=source, fresh_lora=fresh_lora)
         except CheckpointError as e:
             raise type(e)(f"{e}{_config_differences(ckpt, self.cfg)}") from None
         log.info("loaded %d tensors from %s", len(state), source)

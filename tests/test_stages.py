@@ -1,0 +1,104 @@
+"""Training a connector in stages (docs/training.md "A SALMONN for a new LLM"): the stage configs, the hand-over of
+the stage-1 connector to a stage with LoRA and on to the fine-tune, and stage 1's alignment check (ASR decoded
+again with silenced audio)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_runner import corpus_options, load, make_corpus, run_train
+
+import runner
+import train
+from config import load_config
+from models.salmonn import SALMONN, CheckpointKeyError, from_original_name
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_CONFIGS = ["stage1_qwen2.5_7b", "stage2_qwen2.5_7b", "finetune_humdial_qwen2.5_7b", "stage1_vicuna13b",
+                 "stage2_vicuna13b"]
+STEPS = dict(iters_per_epoch=2, optims__max_epoch=1, optims__warmup_steps=0, optims__init_lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_stage_configs_check_their_keys_and_say_what_to_download(name, tmp_path, capsys):
+    cfg = load_config(str(ROOT / f"configs/{name}.yaml"), required_sections=("model", "datasets"))
+    assert cfg.model.lora == (not name.startswith("stage1"))  # stage 1 trains the connector alone
+    assert bool(cfg.model.ckpt) == (not name.startswith("stage1"))  # later stages start from the one before
+    assert train.cli(["--cfg-path", str(ROOT / f"configs/{name}.yaml"), "--options",
+                      f"run.output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and "Download" in error[0]
+
+
+def connector(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if ".lora_" not in k}
+
+
+def test_stage1_connector_goes_to_stage2_with_fresh_lora_and_on_to_the_finetune(corpus, tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert run_train(corpus_options(corpus, stage1, **STEPS) + ["model.lora=false", "model.ckpt=''"]) == 0
+    first = load(stage1 / "checkpoint_step2.pth")
+    assert first["config"]["model"]["lora"] is False and not any(".lora_" in k for k in first["model"])
+
+    # stage 2 builds from it: the connector as trained, the LoRA as peft initialises it (B zero: no change yet)
+    cfg = {**first["config"]["model"], "lora": True, "ckpt": str(stage1 / "checkpoint_step2.pth"),
+           **{k: str(ROOT / v) for k, v in first["config"]["model"].items() if k.endswith("_path") and v}}
+    model = SALMONN.from_config(cfg)
+    params = dict(model.named_parameters())
+    for key, value in first["model"].items():
+        assert torch.equal(params[from_original_name(key)], value), key
+    lora_b = [p for n, p in params.items() if ".lora_B." in n]
+    assert lora_b and all(not p.any() for p in lora_b)
+
+    assert run_train(corpus_options(corpus, stage2, **STEPS) + [f"model.ckpt={stage1 / 'checkpoint_step2.pth'}"]) == 0
+    second = load(stage2 / "checkpoint_step2.pth")
+    assert any(".lora_B." in k and v.any() for k, v in second["model"].items())  # the LoRA trained in stage 2
+    assert set(connector(second["model"])) == set(first["model"])
+
+    finetune = SALMONN.from_config({**cfg, "ckpt": str(stage2 / "checkpoint_step2.pth")})  # strict: all of it
+    assert all(torch.equal(v, second["model"][k]) for k, v in finetune.trainable_state_dict().items())
+
+
+def test_a_checkpoint_without_lora_and_without_a_stored_config_is_still_refused(corpus, tmp_path):
+    """Only a checkpoint that says it was trained without LoRA may leave the LoRA at its init."""
+    stage1 = tmp_path / "stage1"
+    assert run_train(corpus_options(corpus, stage1, **STEPS) + ["model.lora=false", "model.ckpt=''"]) == 0
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": load(stage1 / "checkpoint_step2.pth")["model"]}, bare)
+    with pytest.raises(CheckpointKeyError, match="trained tensors are missing.*lora"):
+        run_train(corpus_options(corpus, tmp_path / "stage2", **STEPS) + [f"model.ckpt={bare}"])
+
+
+def test_alignment_check_decodes_the_asr_samples_again_with_silenced_audio(corpus, tmp_path, monkeypatch):
+    decoded: dict[str, list[bool]] = {}
+    plain_decode = runner.Runner.decode
+
+    def spy(self, split, limit=0):
+        dataset = self.datasets[split]
+        decoded[split] = [all(not np.any(clip) for clip in dataset[i]["clips"]) for i in range(min(limit, len(dataset)))]
+        return plain_decode(self, split, limit)
+
+    monkeypatch.setattr(runner.Runner, "decode", spy)
+    out = tmp_path / "run"
+    assert run_train(corpus_options(corpus, out, valid_decode_samples=2, **STEPS) + ["model.lora=false",
+                                                                                      "model.ckpt=''"]) == 0
+    assert decoded == {"valid": [False, False], "valid_silenced": [True, True]}  # same samples, audio zeroed
+    valid = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "valid"][-1]
+    assert {"asr/en/wer", "silenced/asr/en/wer"} <= set(valid)
+    log = (out / "train.log").read_text()
+    assert f"alignment check at step 2: asr/en/wer {valid['asr/en/wer']:.1f} with audio, " \
+           f"{valid['silenced/asr/en/wer']:.1f} silenced" in log
+
+    decoded.clear()
+    out_off = tmp_path / "off"
+    assert run_train(corpus_options(corpus, out_off, valid_decode_samples=2, alignment_check=False, **STEPS)) == 0
+    assert list(decoded) == ["valid"]
