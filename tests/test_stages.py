@@ -102,3 +102,33 @@ def test_alignment_check_decodes_the_asr_samples_again_with_silenced_audio(corpu
     out_off = tmp_path / "off"
     assert run_train(corpus_options(corpus, out_off, valid_decode_samples=2, alignment_check=False, **STEPS)) == 0
     assert list(decoded) == ["valid"]
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen"])
+def test_text_warm_up_writes_an_llm_folder_that_loads_strictly_and_learned(llm, tmp_path):
+    """The alignment experiment's stand-in for a pretrained LLM: trained on text pairs, saved in the source's
+    format, loaded back by the strict loader, and fitting its pairs better than the random source did."""
+    from scripts.alignment_experiment import LLMS, warm_up_llm
+    from models.llm import ChatText, load_llm
+
+    pairs = [([{"role": "user", "content": "<Speech></Speech> Recognize the speech."}], answer)
+             for answer in ("the cat sat down", "open the door", "你好，今天怎么样？")]
+    folder = warm_up_llm(LLMS[llm], tmp_path / "llm", pairs, steps=30)
+    cfg = {"random_init": False, "lora": False}
+    text = ChatText(folder)
+
+    def answer_loss(model: torch.nn.Module) -> float:
+        total = 0.0
+        for messages, answer in pairs:
+            prompt, _ = text.prompt_ids(text.render(messages))
+            target = text.target_ids(answer)[0]
+            ids = torch.tensor([prompt + target])
+            labels = torch.tensor([[-100] * len(prompt) + target])
+            total += float(model(input_ids=ids, labels=labels).loss)
+        return total
+
+    with torch.no_grad():
+        before = answer_loss(load_llm(LLMS[llm], cfg, torch.float32))
+        after = answer_loss(load_llm(folder, cfg, torch.float32))  # strict: no missing or unexpected tensor
+    assert after < 0.5 * before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in LLMS[llm].iterdir())
