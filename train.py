@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dryrun_config(cfg: DictConfig) -> DictConfig:
     """The config with the tiny model of configs/demo.yaml in place of the real one, and its own output folder."""
-    tiny = OmegaConf.load(DRYRUN_CONFIG).model
+    tiny = load_config(str(DRYRUN_CONFIG)).model  # with the defaults of the keys demo.yaml leaves out
     for key in DRYRUN_MODEL_KEYS:
         cfg.model[key] = str(DRYRUN_CONFIG.parents[1] / tiny[key]) if key.endswith("_path") and tiny[key] else tiny[key]
     cfg.model.ckpt = ""  # the tiny checkpoint fits the demo's LoRA, not yours: the trained parts start fresh

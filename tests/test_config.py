@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from config import SCHEMA, ConfigError, load_config
 
@@ -97,3 +98,29 @@ def test_train_rejects_bad_config_before_building_anything(tmp_path: Path) -> No
         train.main(["--cfg-path", str(ROOT / "configs/demo.yaml"), "--options", "run.optims.max_epochs=1",
                     f"run.output_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
+
+
+def restated_defaults(given: dict, schema: dict, prefix: str = "") -> list[str]:
+    """The keys of a config section whose values are the schema's defaults."""
+    found = []
+    for key, value in given.items():
+        default = schema.get(key)
+        if isinstance(default, dict):
+            found += restated_defaults(value or {}, default, f"{prefix}{key}.")
+        elif key in schema and default != "???" and type(value) is type(default) and value == default:
+            found.append(f"{prefix}{key}")
+        elif isinstance(value, list) and isinstance(default, list) and value == default:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_hold_only_what_differs_from_the_defaults(path: Path) -> None:
+    """config.py is the one home of the defaults: a config that restates one would silently keep an old value
+    when the default changes. Each config also says in its first line what it is for."""
+    from config import MODEL_DEFAULTS
+
+    given = OmegaConf.to_container(OmegaConf.load(path))
+    assert restated_defaults(given, {**SCHEMA, "model": MODEL_DEFAULTS}) == []
+    assert path.read_text().startswith("# ")
+    load_config(str(path))  # and every key is known, every value of its type
