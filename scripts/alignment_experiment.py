@@ -91,15 +91,19 @@ def trajectory_corpus(out: Path, num_dialogues: int) -> tuple[Path, Path, list[d
 
 # ---------------------------------------------------------------------------------------------- text warm-up
 def text_pairs(asr_train: Path, dialogs: list[dict]) -> list[tuple[list[dict[str, str]], str]]:
-    """(conversation, answer) pairs of text: each prompt as the model will see it, its speech slot left empty."""
+    """(conversation, answer) pairs of text: each prompt as the model will see it, its speech slot empty or (ASR)
+    holding the transcript."""
     prompts = load_prompts(str(ROOT / "prompts/train_prompt.json"))
     rng = random.Random(0)
 
-    def asked(task: str, language: str, answer: str) -> tuple[list[dict[str, str]], str]:
+    def asked(task: str, language: str, answer: str, slot: str = "") -> tuple[list[dict[str, str]], str]:
         prompt = choose_prompt(prompts, prompt_key(prompts, task, language), "", rng)
-        return conversation(prompt.replace("<SpeechHere>", ""), None, language, False), answer
+        return conversation(prompt.replace("<SpeechHere>", slot), None, language, False), answer
 
-    pairs = [asked("asr", e["language"], e["text"]) for e in json.loads(asr_train.read_text())["annotation"]]
+    # ASR with the transcript written where the speech will go: the LLM learns to read its speech slot, the
+    # copying a pretrained LLM already does with text in its context (stage 1 then makes speech read like text)
+    pairs = [asked("asr", e["language"], e["text"], slot=e["text"])
+             for e in json.loads(asr_train.read_text())["annotation"]]
     pairs += [asked(e["task"], e["language"], e["text"]) for e in dialogs]
     pairs += [asked(e["task"], e["language"], e["text"]) for e in turn_samples(dialogs)]
     return pairs
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llms", nargs="+", choices=list(LLMS), default=list(LLMS))
     ap.add_argument("--num-dialogues", type=int, default=400, help="Task 1 dialogues of the fine-tune corpus")
     ap.add_argument("--warmup-steps", type=int, default=600, help="text warm-up steps of each tiny LLM")
-    ap.add_argument("--stage1-steps", type=int, default=800)
+    ap.add_argument("--stage1-steps", type=int, default=1600)
     ap.add_argument("--finetune-steps", type=int, default=600)
     args = ap.parse_args(argv)
     started = time.time()
