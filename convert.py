@@ -53,7 +53,8 @@ from pathlib import Path
 import soundfile as sf
 
 from labels import EMOTIONS, TASKS, canonical_emotion
-from submission import REPLY_KEYS, evaluated_turn, release_language, task_from_name, turn_id_of
+from submission import (REPLY_KEYS, audio_problem, evaluated_turn, plain_name_problem, release_language,
+                        task_from_name, turn_id_of)
 
 SINGLE_CLIP_KEYS = ("path", "text", "task")
 MAX_REPORTED_ERRORS = 50  # strict mode prints this many invalid records in full, then a count
@@ -148,15 +149,14 @@ def checked_emotion(label: str, where: str, aliases: Counter) -> str:
 
 
 def audio_duration(path: Path, where: str) -> float:
-    """Seconds of audio in the file, read from its header; missing, unreadable or empty files are errors."""
+    """Seconds of audio in the file. Every sample is read once here: a missing, unreadable, empty, truncated or
+    non-finite (NaN) file is an error naming its record, not an empty answer or a NaN loss later."""
     if not path.is_file():
         raise DataError("missing_audio", f"{where}: audio file not found: {path}")
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise DataError("unreadable_audio", f"{where}: cannot read audio {path}: {e}") from e
-    if info.frames == 0:
-        raise DataError("empty_audio", f"{where}: audio file has no samples: {path}")
+    problem = audio_problem(path, read_samples=True)
+    if problem:
+        raise DataError("bad_audio", f"{where}: {problem}")
+    info = sf.info(str(path))
     return info.frames / info.samplerate
 
 
@@ -185,6 +185,8 @@ def convert_turn(turn: object, index: int, where: str, source: Source, aliases: 
     turn_where = f"{where}, turn {index + 1}"
     if not isinstance(turn, dict):
         raise DataError("bad_field", f"{turn_where}: a turn must be an object, got {turn!r}")
+    if "turn_id" in turn and plain_name_problem(turn["turn_id"]):
+        raise DataError("bad_field", f"{turn_where}: turn_id {plain_name_problem(turn['turn_id'])}")
     audio_path = source.audio_root / require(turn, "split_audio_file", turn_where)
     converted = {
         "path": output_path(audio_path, source.out_dir),
@@ -226,12 +228,15 @@ def convert_dialogue(record: object, location: str, source: Source, aliases: Cou
     if not isinstance(record, dict):
         raise DataError("bad_field", f"{location}: a line must hold a JSON object, got {type(record).__name__}")
     dialogue_id = require(record, "dialogue_id", location)
-    if not dialogue_id.strip():
-        raise DataError("bad_field", f"{location}: empty dialogue_id")
+    if plain_name_problem(dialogue_id):
+        raise DataError("bad_field", f"{location}: dialogue_id {plain_name_problem(dialogue_id)}")
     where = f"{location}: dialogue {dialogue_id}"
     turns = require(record, "turns", where, list)
     if not turns:
         raise DataError("empty_turns", f"{where}: 'turns' is empty")
+    language = release_language(record, source.path.parent.name)
+    if plain_name_problem(language):
+        raise DataError("bad_field", f"{where}: language {plain_name_problem(language)}")
     check_turn_order(turns, where)
     task = source.task_of(record)
     if task not in TASKS:
@@ -248,7 +253,7 @@ def convert_dialogue(record: object, location: str, source: Source, aliases: Cou
     return {
         "id": dialogue_id,
         "task": task,
-        "language": release_language(record, source.path.parent.name),
+        "language": language,
         "Q": history[-1]["transcript"],
         "text": history[-1].pop("reply"),
         "eval_turn_id": turn_id_of(turns[target], target),
@@ -260,18 +265,20 @@ def convert_dialogue(record: object, location: str, source: Source, aliases: Cou
 
 
 def read_jsonl(path: Path) -> list[tuple[str, object]]:
-    """(where, parsed record or the DataError of a malformed line) for each non-blank line."""
+    """(where, parsed record or the DataError of a malformed or non-UTF-8 line) for each non-blank line."""
     records: list[tuple[str, object]] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                records.append((where, DataError("malformed_json", f"{where}: malformed JSON: {e.msg} "
-                                                                   f"(column {e.colno})")))
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            records.append((where, json.loads(raw.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            records.append((where, DataError("not_utf8", f"{where}: not UTF-8 text (byte {e.start + 1} of the "
+                                                         "line): save the file as UTF-8")))
+        except json.JSONDecodeError as e:
+            records.append((where, DataError("malformed_json", f"{where}: malformed JSON: {e.msg} "
+                                                               f"(column {e.colno})")))
     return records
 
 
@@ -301,12 +308,14 @@ def checked_audio(path: object, where: str, source: Source) -> Path:
 
 
 def read_original_annotation(path: Path) -> list:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError("malformed_json", f"{path}:{e.lineno}: malformed JSON: {e.msg} "
-                                              f"(column {e.colno})") from e
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError("not_utf8", f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise DataError("malformed_json", f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
     if not isinstance(data, dict) or not isinstance(data.get("annotation"), list):
         raise DataError("bad_field", f"{path}: expected {{\"annotation\": [...]}} (the original SALMONN format)")
     return data["annotation"]
@@ -383,14 +392,23 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 def convert(inputs: list[Path], out_dir: Path, *, audio_root: Path | None = None, valid_ratio: float = 0.0,
             seed: int = 0, task: str | None = None, name: str = "train", skip_invalid: bool = False,
-            blind: bool = False) -> Stats:
+            blind: bool = False, replace: bool = False) -> Stats:
     """Converts, validates and writes `<name>.json` (+ `valid.json`) and `<name>_report.json` into out_dir.
     Unless skip_invalid, invalid records raise InvalidRecords (all of them, after reading every input); nothing
-    is written then."""
+    is written then. An earlier conversion in out_dir that shares a name or a file with this one is refused, or
+    with `replace` removed whole (never half kept: a new train.json beside an old valid.json)."""
     if task is not None and task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if not 0.0 <= valid_ratio < 1.0:
         raise ValueError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
+    if plain_name_problem(name):
+        raise ValueError(f"--name {plain_name_problem(name)}")
+    files = [f"{name}.json", *(["valid.json"] if valid_ratio > 0 else []), f"{name}_report.json"]
+    replaced = earlier_conversions(out_dir, name, files)
+    if replaced and not replace:
+        raise DataError("output_in_use", f"{out_dir} holds an earlier conversion ({', '.join(replaced)}) that this "
+                                         "one would overwrite or mix with: choose another --out-dir, or pass "
+                                         "--replace to replace that conversion whole")
     stats = Stats()
     entries: list[dict] = []
     for path in inputs:
@@ -407,12 +425,30 @@ def convert(inputs: list[Path], out_dir: Path, *, audio_root: Path | None = None
         stats.add(entry)
     train, valid = split_by_dialogue(entries, valid_ratio, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in replaced:
+        (out_dir / old).unlink(missing_ok=True)
     write_json_atomic(out_dir / f"{name}.json", {"annotation": train})
     if valid_ratio > 0:
         write_json_atomic(out_dir / "valid.json", {"annotation": valid})
     sizes = {name: len(train), "valid": len(valid)} if valid_ratio > 0 else {name: len(train)}
     write_json_atomic(out_dir / f"{name}_report.json", report(inputs, stats, sizes, valid_ratio, seed))
     return stats
+
+
+def earlier_conversions(out_dir: Path, name: str, files: list[str]) -> list[str]:
+    """The files of every earlier conversion in out_dir that a conversion named `name` writing `files` would
+    overwrite or leave mixed with its own (each conversion's report lists its annotation files), and any of
+    `files` that exists without a report."""
+    clashing = {f for f in files if (out_dir / f).exists()}
+    for path in sorted(out_dir.glob("*_report.json")):
+        try:
+            owned = {f"{key}.json" for key in json.loads(path.read_text(encoding="utf-8"))["entries"]}
+        except (ValueError, KeyError, TypeError):  # not a report of ours: only its own name clashes
+            owned = set()
+        owned.add(path.name)
+        if path.name == f"{name}_report.json" or owned & set(files):
+            clashing |= {f for f in owned if (out_dir / f).exists()}
+    return sorted(clashing)
 
 
 def report(inputs: list[Path], stats: Stats, entries: dict[str, int], valid_ratio: float, seed: int) -> dict:
@@ -451,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip invalid records (counted in the report) instead of failing")
     parser.add_argument("--blind", action="store_true",
                         help="a test set without emotion labels, transcripts and replies (they become \"\")")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a conversion already in --out-dir that shares a name or file with this one, "
+                             "whole (without it, such a folder is refused)")
     return parser.parse_args(argv)
 
 
@@ -459,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = convert(args.inputs, args.out_dir, audio_root=args.audio_root, valid_ratio=args.valid_ratio,
                         seed=args.seed, task=args.task, name=args.name, skip_invalid=args.skip_invalid,
-                        blind=args.blind)
+                        blind=args.blind, replace=args.replace)
     except (DataError, ValueError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -29,8 +29,9 @@ epoch, index) so that a resumed run sees the same prompts: call `dataset.set_epo
 ("valid"/"test") uses the first prompt of test_prompt_path.
 
 An annotation entry with `turns` is a dialogue (see convert.py for its fields); any other entry is the original
-format `{"path", "text", "task", "Q"?, "expand_wav"?}`. Relative audio paths resolve against the annotation
-file's folder. The batch format is in docs/design.md ("A batch"); besides its keys, each sample carries
+format `{"path", "text", "task"?, "Q"?, "expand_wav"?}` (no task: asr) or Nota's (`testset_id`: the id; `text`
+may be absent in a test set). Relative audio paths resolve against `datasets.prefix` when set, else the
+annotation file's folder; a split may be a list of annotation files (read_annotation). The batch format is in docs/design.md ("A batch"); besides its keys, each sample carries
 `language` and `emotions` (the per-turn labels; [] for single-clip entries) for the metrics.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from models import SAMPLE_RATE, SPEECH_SLOT, WHISPER_CONV_STRIDE, window_frames
 from models.llm import IGNORE_INDEX, ChatText
 from prompting import (PromptError, TurnText, choose_prompt, conversation, expand_turns, load_prompts, prompt_key,
                        question_messages)
+from submission import wav_truncation
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
         raise AudioError(f"cannot read audio file {path}: {e}") from e
     if wav.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {path}")
+    if not np.isfinite(wav).all():
+        raise AudioError(f"audio file has non-finite samples (NaN or inf): {path}")
     mono = wav.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
@@ -99,6 +103,8 @@ def audio_seconds(path: str | os.PathLike) -> float:
         raise AudioError(f"cannot read audio file {path}: {e}") from e
     if info.frames == 0:
         raise AudioError(f"audio file has no samples: {path}")
+    if wav_truncation(info):
+        raise AudioError(f"audio file is truncated: {path} ({wav_truncation(info)})")
     return info.frames / info.samplerate
 
 
@@ -171,7 +177,8 @@ def load_feature_extractor(whisper_path: str | os.PathLike) -> WhisperFeatureExt
     """Whisper's log-mel extractor from `<whisper_path>/preprocessor_config.json` (local file, no hub)."""
     config = Path(whisper_path) / "preprocessor_config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"Whisper feature-extractor config not found: {config}")
+        raise FileNotFoundError(f"Whisper feature-extractor config not found: {config}. Download whisper-large-v2 "
+                                f"(Hugging Face format) to '{whisper_path}' (or point the config at where it is)")
     return WhisperFeatureExtractor.from_json_file(str(config))
 
 
@@ -182,8 +189,19 @@ def log_mel(clips: list[np.ndarray], feature_extractor: WhisperFeatureExtractor)
 
 
 # ---------------------------------------------------------------------------------------------- annotations
-def read_annotation(ann_path: str | os.PathLike) -> list[dict]:
-    """Entries of a `{"annotation": [...]}` file, checked, with audio paths made absolute."""
+def read_annotation(ann_path: str | os.PathLike | Sequence[str | os.PathLike], audio_root: str | None = None, *,
+                    blind_ok: bool = False, check_audio: bool = True) -> list[dict]:
+    """Entries of a `{"annotation": [...]}` file, or of a list of them read in order (each entry's `ann_file` says
+    which), checked, with audio paths made absolute: a relative path resolves against `audio_root`
+    (datasets.prefix, the audio root of the original's and Nota's configs), else against its file's folder.
+
+    The original's and Nota's single-clip entries are read as they meant them: without `task` an entry is ASR
+    (counted in the log), Nota's `testset_id` is the entry's `id` (the submission CSV's key), and with `blind_ok`
+    (a test set to decode, not to score) `text` may be absent. `check_audio=False`: ids and texts only (the
+    submission validator), the audio files are not looked for."""
+    if not isinstance(ann_path, (str, os.PathLike)):
+        return [entry for path in ann_path
+                for entry in read_annotation(path, audio_root, blind_ok=blind_ok, check_audio=check_audio)]
     ann_path = Path(ann_path)
     if not ann_path.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_path}")
@@ -194,8 +212,14 @@ def read_annotation(ann_path: str | os.PathLike) -> list[dict]:
             raise AnnotationError(f"{ann_path}:{e.lineno}: malformed JSON: {e.msg}") from e
     if not isinstance(data, dict) or not isinstance(data.get("annotation"), list):
         raise AnnotationError(f'{ann_path}: expected {{"annotation": [...]}}')
-    return [checked_entry(entry, f"{ann_path}: annotation[{i}]", ann_path.parent)
-            for i, entry in enumerate(data["annotation"])]
+    base = Path(audio_root) if audio_root else ann_path.parent
+    entries = [checked_entry(entry, f"{ann_path}: annotation[{i}]", base, blind_ok, check_audio)
+               for i, entry in enumerate(data["annotation"])]
+    untasked = sum(not isinstance(entry, dict) or "task" not in entry for entry in data["annotation"])
+    if untasked:
+        log.info("%s: %d of %d entries have no `task`: read as asr, as the original SALMONN does", ann_path,
+                 untasked, len(entries))
+    return [{**entry, "ann_file": str(ann_path)} for entry in entries]
 
 
 def is_dialogue(entry: Mapping[str, Any]) -> bool:
@@ -209,18 +233,35 @@ def audio_paths(entry: Mapping[str, Any]) -> list[str]:
     return [entry["path"], *entry["expand_wav"]]
 
 
-def checked_entry(entry: Any, where: str, base: Path) -> dict:
-    """The entry with its required keys checked and its audio paths resolved against `base`."""
+def checked_entry(entry: Any, where: str, base: Path, blind_ok: bool = False, check_audio: bool = True) -> dict:
+    """The entry with its required keys checked and its audio paths resolved against `base` (read_annotation says
+    how the original's and Nota's entries are read)."""
     if not isinstance(entry, dict):
         raise AnnotationError(f"{where}: an entry must be an object")
+    entry = dict(entry)
+    if "testset_id" in entry:
+        if not isinstance(entry["testset_id"], str) or not entry["testset_id"].strip():
+            raise AnnotationError(f"{where}: testset_id must be a non-empty string, got {entry['testset_id']!r}")
+        if entry.setdefault("id", entry["testset_id"]) != entry["testset_id"]:
+            raise AnnotationError(f"{where}: id {entry['id']!r} and testset_id {entry['testset_id']!r} differ: give "
+                                  "one of them")
+    if not is_dialogue(entry):
+        entry.setdefault("task", "asr")
+        if blind_ok:
+            entry.setdefault("text", "")
     required = ("id", "task", "turns", "text") if is_dialogue(entry) else ("path", "text", "task")
     for key in required:
         if key not in entry:
             raise AnnotationError(f"{where}: missing key {key!r}")
-    entry = dict(entry)
+    for key in ("task", "text"):
+        if not isinstance(entry[key], str):
+            raise AnnotationError(f"{where}: {key} must be a string, got {entry[key]!r}")
     if not is_dialogue(entry):
-        entry["path"] = resolved_audio(entry["path"], where, base)
-        entry["expand_wav"] = [resolved_audio(p, where, base) for p in entry.get("expand_wav", [])]
+        expand = entry.get("expand_wav", [])
+        if not isinstance(expand, list):
+            raise AnnotationError(f"{where}: expand_wav must be a list of audio paths, got {expand!r}")
+        entry["path"] = resolved_audio(entry["path"], where, base, check_audio)
+        entry["expand_wav"] = [resolved_audio(p, where, base, check_audio) for p in expand]
         return entry
     if not isinstance(entry["turns"], list) or not entry["turns"]:
         raise AnnotationError(f"{where}: dialogue {entry['id']}: 'turns' must be a non-empty list")
@@ -228,14 +269,17 @@ def checked_entry(entry: Any, where: str, base: Path) -> dict:
     for n, turn in enumerate(entry["turns"], start=1):
         if not isinstance(turn, dict) or "path" not in turn:
             raise AnnotationError(f"{where}: dialogue {entry['id']}, turn {n}: missing key 'path'")
-        turns.append({**turn, "path": resolved_audio(turn["path"], f"{where}, turn {n}", base)})
+        turns.append({**turn, "path": resolved_audio(turn["path"], f"{where}, turn {n}", base, check_audio)})
     entry["turns"] = turns
     return entry
 
 
-def resolved_audio(path: str, where: str, base: Path) -> str:
+def resolved_audio(path: Any, where: str, base: Path, check_audio: bool = True) -> str:
+    """`path` against `base` (an absolute path stays as it is); AnnotationError when the file is not there."""
+    if not isinstance(path, str) or not path.strip():
+        raise AnnotationError(f"{where}: an audio path must be a non-empty string, got {path!r}")
     full = base / path
-    if not full.is_file():
+    if check_audio and not full.is_file():
         raise AnnotationError(f"{where}: audio file not found: {full}")
     return str(full)
 
@@ -437,11 +481,13 @@ def collate(items: list[dict]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- construction
-def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *, seed: int = 0,
+def build_dataset(ann_path: str | Sequence[str], cfg: Any, split: str, model_cfg: Any = None, *, seed: int = 0,
                   feature_extractor: WhisperFeatureExtractor | None = None) -> SalmonnDataset:
-    """The dataset of one split. cfg: the `datasets:` section; model_cfg: the `model:` section (either may be
-    partial: config.py fills the defaults); seed: the run's seed. The datasets section's whisper_path,
-    prompt_path, test_prompt_path and prompt_template, when set, win over the model section's."""
+    """The dataset of one split, from an annotation file or a list of them (read_annotation: relative audio paths
+    against datasets.prefix when set; a test split may be blind). cfg: the `datasets:` section; model_cfg: the
+    `model:` section (either may be partial: config.py fills the defaults); seed: the run's seed. The datasets
+    section's whisper_path, prompt_path, test_prompt_path and prompt_template, when set, win over the model
+    section's."""
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be train, valid or test, got {split!r}")
     data, model = section_defaults("datasets", cfg), section_defaults("model", model_cfg)
@@ -454,7 +500,7 @@ def build_dataset(ann_path: str, cfg: Any, split: str, model_cfg: Any = None, *,
     if feature_extractor is None and not setting["whisper_path"]:
         raise ValueError("model.whisper_path is not set: it holds Whisper's preprocessor_config.json")
     return SalmonnDataset(
-        read_annotation(ann_path),
+        read_annotation(ann_path, data["prefix"], blind_ok=split == "test"),
         feature_extractor or load_feature_extractor(setting["whisper_path"]),
         load_prompts(str(prompt_path)),
         ChatText.from_config({**model, "prompt_template": setting["prompt_template"]}),

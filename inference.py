@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 from transformers import TextIteratorStreamer
 
-from config import ConfigError, config_to_dict, load_config
+from config import ConfigError, add_config_arguments, config_to_dict, load_config
 from dataset_v1 import AudioError, audio_paths, audio_seconds, collate, load_feature_extractor, make_batch
 from labels import text_language
 from metrics import aligned_emotions, group_records, score_records
@@ -47,11 +47,8 @@ DECODE_STATE = "decode.json"  # what the decode in a folder is: annotation, chec
 # ---------------------------------------------------------------------------------------------- config and model
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--cfg-path/--options/--device/--lora-scaling and one flag per generation setting."""
-    parser.add_argument("--cfg-path", action="append", metavar="YAML",
-                        help="config file(s), merged in order (a model config, then e.g. configs/decode_config.yaml); "
-                             "default: " + " + ".join(DEFAULT_CFG_PATHS))
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. model.ckpt=outputs/run/checkpoint_best.pth")
+    add_config_arguments(parser, "config file(s), merged in order (a model config, then e.g. "
+                                 "configs/decode_config.yaml); default: " + " + ".join(DEFAULT_CFG_PATHS))
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     parser.add_argument("--lora-scaling", type=float, default=None,
                         help="inference LoRA scaling (default alpha/rank); lower it to bring back abilities the "

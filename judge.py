@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import openai
+from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
 from config import section_defaults
@@ -281,9 +282,16 @@ def ask(client: openai.OpenAI, cfg: Mapping[str, Any], messages: list[dict[str, 
     except openai.APIConnectionError as e:  # also timeouts
         raise JudgeError(f"judge {cfg['base_url']} unreachable for {what} after {cfg['max_retries']} retries: "
                          f"{e}") from e
-    if not response.choices:
+    except ValueError as e:  # a JSON content type with a body that is not JSON
+        raise JudgeError(f"judge {cfg['base_url']} sent a body that is not JSON for {what}: {e}") from e
+    if not isinstance(response, ChatCompletion):  # an HTML error page, a binary body: the client hands it back as is
+        raise JudgeError(f"judge {cfg['base_url']} sent no chat completion for {what} but "
+                         f"{str(response)[:80]!r}: is base_url the /v1 of an OpenAI-compatible server?")
+    if not response.choices or response.choices[0].message is None:
         raise JudgeError(f"judge {cfg['base_url']} returned no choices for {what}")
     choice = response.choices[0]
+    if not isinstance(choice.message.content, (str, type(None))):
+        raise JudgeError(f"judge {cfg['base_url']} returned a message without text for {what}")
     return choice.message.content or "", choice.finish_reason
 
 
@@ -330,9 +338,12 @@ def check_judgeable(entry: Mapping[str, Any], ann_path: str | os.PathLike) -> No
 
 def judge_all(items: list[Item], cfg: Mapping[str, Any], cache: JudgmentCache, show_progress: bool = True
               ) -> list[dict[str, Any]]:
-    """The cache entry of every item, asking the judge (judge.concurrency at a time) only for those not cached.
-    Each reply is written to the cache as it arrives; on a failure the pending requests are cancelled."""
-    todo = list({item.key: item for item in items if item.key not in cache.replies}.values())
+    """The cache entry of every item, asking the judge (judge.concurrency at a time) only for those without a final
+    reply: none cached, or one that does not give every score (recorded, but asked again on a rerun: the judge
+    may have been fixed since). Each reply is written to the cache as it arrives; on a failure the pending
+    requests are cancelled."""
+    todo = list({item.key: item for item in items
+                 if not is_final(cache.replies.get(item.key), item.record["task"])}.values())
     if todo:
         client = make_client(cfg)
         pool = ThreadPoolExecutor(max_workers=cfg["concurrency"])
@@ -350,6 +361,11 @@ def judge_all(items: list[Item], cfg: Mapping[str, Any], cache: JudgmentCache, s
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return [cache.replies[item.key] for item in items]
+
+
+def is_final(entry: Mapping[str, Any] | None, task: str) -> bool:
+    """A cached reply that gives every dimension of the task a score: one that does not is asked again."""
+    return entry is not None and None not in parse_scores(entry["reply"], task).values()
 
 
 def judgments(items: list[Item], cached: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -475,7 +491,7 @@ def judge_records(records: list[dict[str, Any]], ann_path: str | os.PathLike, ju
         raise JudgeError(f"nothing to judge: no record of the tasks {', '.join(RUBRICS)} "
                          f"(tasks seen: {', '.join(sorted(skipped)) or 'none'})")
     cache = JudgmentCache(cfg["cache_path"] or out_dir / DEFAULT_CACHE_NAME)
-    reused = sum(item.key in cache.replies for item in items)
+    reused = sum(is_final(cache.replies.get(item.key), item.record["task"]) for item in items)
     judged = judgments(items, judge_all(items, cfg, cache, show_progress))
     summary = {"annotation": str(ann_path), "judge": cfg,
                "num_judged": len(judged), "skipped_tasks": skipped,
@@ -494,8 +510,9 @@ def judge_predictions(predictions_path: str | os.PathLike, ann_path: str | os.Pa
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file, so a crash leaves the old file or the new one, never half of one."""
+    """Write through a temporary file named after this process, so a crash leaves the old file or the new one,
+    never half of one, and two writers never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
     os.replace(tmp, path)

@@ -1,7 +1,14 @@
-"""Scores for SALMONN answers: WER, CER, BLEU, ROUGE-L, emotion-trajectory accuracy and language match.
+"""Scores for SALMONN answers: WER, CER, BLEU, ROUGE-L, the caption metrics (CIDEr-D, METEOR, SPICE, SPIDEr),
+label accuracy, emotion-trajectory accuracy and language match.
 
 Conventions (the README repeats them):
-- Every score is a percentage in [0, 100] (WER and CER can exceed 100 when the answer has many insertions).
+- Every score is a percentage in [0, 100] (WER and CER can exceed 100 when the answer has many insertions;
+  CIDEr-D and SPIDEr, x100 like the rest, range to 1000).
+- Captioning (CAPTION_TASKS, English): the COCO caption toolkit (pycocoevalcap) as the AAC challenges run it,
+  PTB-tokenised, CIDEr-D over the set's references. A metric that cannot run (no Java, SPICE's CoreNLP jars
+  missing, Chinese, a single caption) is reported unavailable with the reason (`unavailable_scores`).
+- Accuracy (ACCURACY_TASKS): % of answers giving the reference's label: the first emotion named (single-clip
+  emotion recognition), the first yes/no (speaker verification), the reference's words (closed-form QA).
 - WER and CER are corpus-level: total edits / total reference tokens, via jiwer.
 - English text goes through openai-whisper's `EnglishTextNormalizer`; Chinese and other text through its
   `BasicTextNormalizer` (lower case, punctuation and symbols removed), then whitespace is dropped for CER.
@@ -19,9 +26,14 @@ Conventions (the README repeats them):
 from __future__ import annotations
 
 import bisect
+import functools
+import importlib.util
 import re
+import shutil
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jiwer
@@ -284,6 +296,151 @@ def language_match(answers: list[str], languages: list[str]) -> float:
     return 100.0 * sum(written_language(a) == lang for a, lang in zip(answers, languages)) / len(answers)
 
 
+# ------------------------------------------------------------------------------------------------- captioning
+# Captioning tasks (the original's prompt names; Nota's AAC set is audiocaption_v2) get the COCO caption toolkit's
+# metrics as the AAC challenges, the SALMONN paper and Nota's evaluator report them.
+CAPTION_TASKS = ("audiocaption", "audiocaption_v2", "music_description")
+CAPTION_METRICS = ("cider_d", "meteor", "spice", "spider")
+SPICE_CORENLP = "stanford-corenlp-3.6.0"  # SPICE's parser: the toolkit's package lacks it (fetched from Stanford)
+
+
+def _toolkit() -> Path | None:
+    """Where pycocoevalcap (the COCO caption toolkit, with its PTB tokenizer, METEOR and SPICE jars) is installed."""
+    spec = importlib.util.find_spec("pycocoevalcap")  # a namespace package: no __init__.py, so no origin
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
+@functools.lru_cache(maxsize=1)
+def caption_machine_gaps() -> dict[str, str]:
+    """The caption metrics this machine cannot compute, each with what to install where ({} when it can all)."""
+    toolkit = _toolkit()
+    if toolkit is None:
+        return dict.fromkeys(CAPTION_METRICS, "pycocoevalcap is not installed (pip install -r requirements.txt)")
+    if shutil.which("java") is None:
+        return dict.fromkeys(CAPTION_METRICS, "needs Java for the PTB tokenizer, METEOR and SPICE: apt-get install "
+                                              "default-jre-headless")
+    lib = toolkit / "spice" / "lib"
+    if not all((lib / f"{SPICE_CORENLP}{suffix}.jar").is_file() for suffix in ("", "-models")):
+        reason = (f"SPICE needs Stanford CoreNLP 3.6.0, which no package registry ships: put {SPICE_CORENLP}.jar "
+                  f"and {SPICE_CORENLP}-models.jar (from stanford-corenlp-full-2015-12-09.zip) in {lib}")
+        return {"spice": reason, "spider": reason}
+    return {}
+
+
+def caption_gaps(task: str, language: str, num_captions: int) -> dict[str, str]:
+    """The caption metrics a (task, language) group of `num_captions` scored captions does not get, and why."""
+    if task not in CAPTION_TASKS:
+        return {}
+    if language == "zh":
+        return dict.fromkeys(CAPTION_METRICS, "English only (the PTB tokenizer, METEOR and SPICE's parser)")
+    gaps = dict(caption_machine_gaps())
+    if num_captions < 2:
+        reason = "CIDEr-D needs at least 2 captions (its n-gram weights come from the set's references)"
+        gaps.update(cider_d=reason, spider=gaps.get("spider", reason))
+    return gaps
+
+
+def caption_scores(references: list[str] | list[list[str]], hypotheses: list[str],
+                   metrics: Iterable[str] = CAPTION_METRICS) -> dict[str, float]:
+    """CIDEr-D, METEOR, SPICE and SPIDEr (the mean of CIDEr-D and SPICE), x100, as the COCO caption toolkit
+    computes them: captions PTB-tokenised (lower case, punctuation dropped), CIDEr-D's n-gram weights from this
+    set's references (sigma 6, clipped counts), METEOR 1.5 with English paraphrases. Each caption has one
+    reference or a list of them. `metrics`: which to compute (caption_gaps says which can run here)."""
+    _check_pairs(references, hypotheses)
+    metrics = set(metrics)
+    unknown = metrics - set(CAPTION_METRICS)
+    if unknown:
+        raise ValueError(f"unknown caption metric(s) {sorted(unknown)}; known: {', '.join(CAPTION_METRICS)}")
+    from pycocoevalcap.cider.cider import Cider  # imported here: a Java-backed toolkit, for caption tasks only
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    tokenizer = PTBTokenizer()
+    refs = tokenizer.tokenize({i: [{"caption": r} for r in ([rs] if isinstance(rs, str) else rs)]
+                               for i, rs in enumerate(references)})
+    hyps = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
+    scores: dict[str, float] = {}
+    if metrics & {"cider_d", "spider"}:
+        scores["cider_d"] = 100.0 * float(Cider().compute_score(refs, hyps)[0])
+    if "meteor" in metrics:
+        from pycocoevalcap.meteor.meteor import Meteor
+        scores["meteor"] = 100.0 * Meteor().compute_score(refs, hyps)[0]  # its Java process ends with the object
+    if metrics & {"spice", "spider"}:
+        from pycocoevalcap.spice.spice import Spice
+        scores["spice"] = 100.0 * float(Spice().compute_score(refs, hyps)[0])
+    if "spider" in metrics:
+        scores["spider"] = (scores["cider_d"] + scores["spice"]) / 2
+    return {name: value for name, value in scores.items() if name in metrics}
+
+
+# --------------------------------------------------------------------------------------------------- accuracy
+# Tasks whose answer is one label: the share of answers naming the reference's label (%). Single-clip emotion
+# recognition reads the first emotion an answer names (EMOTION_WORDS, negation-aware), speaker verification the
+# first yes or no, closed-form QA (every reference at most CLOSED_FORM_WORDS words) the reference's words.
+ACCURACY_TASKS = ("emotion_recognition", "speaker_verification", "QA")
+CLOSED_FORM_WORDS = 3
+_YES_NO_RE = re.compile(r"\b(yes|yeah|yep|no|nope)\b|(不是|不对|不|否|没有)|(是|对)", re.IGNORECASE)
+
+
+def first_emotion(text: str) -> tuple[str, ...]:
+    """The labels of the first emotion word a text asserts (two for a word that names two), () for none."""
+    mentions = _emotion_mentions(text)
+    return mentions[0][1] if mentions else ()
+
+
+def yes_or_no(text: str) -> str | None:
+    """'yes' or 'no': the first yes/no word of an answer (是/对 and 不是/不/否/没有 in Chinese), None for neither."""
+    match = _YES_NO_RE.search(text)
+    if match is None:
+        return None
+    return "yes" if match.group(3) or (match.group(1) or "").lower() in ("yes", "yeah", "yep") else "no"
+
+
+def is_closed_form(reference: str, language: str) -> bool:
+    """A reference of at most CLOSED_FORM_WORDS words (characters for Chinese) after normalisation."""
+    return 0 < len(rouge_tokens(reference, language)) <= CLOSED_FORM_WORDS
+
+
+def label_hit(task: str, reference: str, prediction: str, language: str) -> bool:
+    """Whether an answer gives the reference's label (ValueError when the reference has none to give)."""
+    if task == "emotion_recognition":
+        gold = first_emotion(reference)
+        if not gold:
+            raise ValueError(f"emotion_recognition: the reference {reference!r} names none of the emotions "
+                             f"({', '.join(EMOTIONS)}, or a word for one)")
+        return gold[0] in first_emotion(prediction)
+    gold_yes_no = yes_or_no(reference) if task == "speaker_verification" or reference.strip().lower().rstrip(
+        ".!") in ("yes", "no") else None
+    if task == "speaker_verification" and gold_yes_no is None:
+        raise ValueError(f"speaker_verification: the reference {reference!r} is neither yes nor no")
+    if gold_yes_no is not None:
+        return yes_or_no(prediction) == gold_yes_no
+    gold, answer = rouge_tokens(reference, language), rouge_tokens(prediction, language)
+    return any(answer[i:i + len(gold)] == gold for i in range(len(answer) - len(gold) + 1))
+
+
+def accuracy_gap(task: str, references: list[str]) -> str | None:
+    """Why a one-label task's group gets no accuracy: references that give no label (None when all do). Reported
+    with the scores rather than raised, so that a validation during training goes on."""
+    if task == "emotion_recognition":
+        bad, what = [r for r in references if not first_emotion(r)], "names none of the emotions"
+    elif task == "speaker_verification":
+        bad, what = [r for r in references if yes_or_no(r) is None], "is neither yes nor no"
+    else:
+        return None
+    if not bad:
+        return None
+    return f"{len(bad)} of {len(references)} references give no label (e.g. {bad[0]!r} {what}): label every sample"
+
+
+def label_accuracy(task: str, references: list[str], hypotheses: list[str], language: str) -> float | None:
+    """% of answers that give their reference's label (label_hit); None for QA whose references are not all
+    closed-form (open answers get BLEU and ROUGE-L only)."""
+    _check_pairs(references, hypotheses)
+    if task == "QA" and not all(is_closed_form(r, language) for r in references):
+        return None
+    hits = [label_hit(task, r, h, language) for r, h in zip(references, hypotheses)]
+    return 100.0 * sum(hits) / len(hits)
+
+
 # ---------------------------------------------------------------------------------------------- decoded records
 TRAJECTORY_TASKS = ("emotional_trajectory",)
 
@@ -294,15 +451,30 @@ def record_language(record: dict[str, Any]) -> str:
 
 
 def reference_scores(task: str, language: str, records: list[dict[str, Any]]) -> dict[str, float]:
-    """WER (English) or CER (Chinese) for `asr*` tasks, BLEU and ROUGE-L for the others; none when no record has
-    a reference (a blind test set)."""
+    """WER (English) or CER (Chinese) for `asr*` tasks, BLEU and ROUGE-L for the others, with the caption metrics
+    for captioning and accuracy for one-label tasks; none when no record has a reference (a blind test set)."""
     refs = [r["reference"] for r in records]
     hyps = [r["prediction"] for r in records]
     if not any(ref.strip() for ref in refs):
         return {}
     if task.startswith("asr"):
         return {"cer": cer(refs, hyps)} if language == "zh" else {"wer": wer(refs, hyps)}
-    return {"bleu": bleu(refs, hyps, language), "rouge_l": rouge_l(refs, hyps, language)}
+    scores = {"bleu": bleu(refs, hyps, language), "rouge_l": rouge_l(refs, hyps, language)}
+    gaps = metric_gaps(task, language, refs)
+    captioning = set(CAPTION_METRICS) - set(gaps) if task in CAPTION_TASKS else ()
+    if captioning:
+        scores.update(caption_scores(refs, hyps, captioning))
+    accuracy = label_accuracy(task, refs, hyps, language) if task in ACCURACY_TASKS and "accuracy" not in gaps else None
+    if accuracy is not None:
+        scores["accuracy"] = accuracy
+    return scores
+
+
+def metric_gaps(task: str, language: str, references: list[str]) -> dict[str, str]:
+    """The metrics a (task, language) group with these references should get but cannot, each with why."""
+    gaps = caption_gaps(task, language, len(references))
+    reason = accuracy_gap(task, references)
+    return {**gaps, "accuracy": reason} if reason else gaps
 
 
 def gold_trajectories(task: str, records: list[dict[str, Any]]) -> list[list[str]] | None:
@@ -344,12 +516,24 @@ def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
             for name, value in score_group(task, language, group).items()}
 
 
-def format_table(scores: dict[str, float], counts: dict[str, int]) -> str:
-    """The scores as an aligned text table: task, language, samples, metric, score."""
+def unavailable_scores(records: list[dict[str, Any]]) -> dict[str, str]:
+    """`{task}/{language}/{metric}` -> why, for the metrics that score_records could not compute (caption metrics
+    on this machine, in this language, for this few captions; accuracy over unlabelled references): reported with
+    the reason, never as a number."""
+    return {f"{task}/{language}/{name}": reason
+            for (task, language), group in group_records(records).items()
+            if any(r["reference"].strip() for r in group)
+            for name, reason in metric_gaps(task, language, [r["reference"] for r in group]).items()}
+
+
+def format_table(scores: dict[str, float], counts: dict[str, int], unavailable: dict[str, str] | None = None) -> str:
+    """The scores as an aligned text table: task, language, samples, metric, score; then each unavailable metric
+    with its reason."""
     rows = [("task", "lang", "n", "metric", "score")]
     for key, value in scores.items():
         task, language, name = key.split("/")
         rows.append((task, language, str(counts[f"{task}/{language}"]), name, f"{value:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in
+                                enumerate(zip(row, widths))) for row in rows)
+    return table + "".join(f"\n{key}: unavailable: {reason}" for key, reason in (unavailable or {}).items())

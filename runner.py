@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import ConfigError, config_to_dict
+from config import SCHEMA, ConfigError, config_to_dict
 from dataset_v1 import build_dataset, collate
 from inference import decode, write_decode_outputs
 from metrics import score_records
@@ -50,6 +51,7 @@ from utils import (
     autocast_dtype,
     barrier,
     broadcast_object,
+    file_fingerprint,
     gather_objects,
     rng_state,
     seed_everything,
@@ -94,18 +96,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (check the freeze_* and lora keys)")
+        raise ConfigError("the model has no trainable parameters (check the model.freeze_* and model.lora keys)")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk): the ones written before are intact."""
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to <path>.tmp, fsync, then rename: a crash mid-write never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file named after this process, fsync, then rename: a crash mid-write never leaves
+    a truncated checkpoint, and a failed write (a full disk) leaves no temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError ("unexpected pos ...")
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise CheckpointWriteError(f"cannot write {path}: {str(e).strip().splitlines()[-1]} ({free:.0f} MiB free "
+                                   "on its disk: is it full?); the checkpoints written before are intact") from e
 
 
 def step_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -142,6 +155,45 @@ def check_fresh_output_dir(output_dir: Path, resume: str) -> None:
             f"run.output_dir '{output_dir}' already holds a run ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, choose another run.output_dir, "
             "or move the old run aside yourself")
+
+
+# Settings that never change what a run trains (prefixes of dotted keys): they may differ when it resumes.
+RESUME_FREE = ("run.resume", "run.output_dir", "run.evaluate", "run.num_workers", "run.log_freq",
+               "run.save_every_steps", "run.keep_last", "run.valid_every_steps", "run.valid_decode_samples",
+               "run.alignment_check", "run.best_metric", "generate.", "judge.", "submission.")
+
+
+def resume_changes(cfg: DictConfig, ckpt: dict[str, Any]) -> list[str]:
+    """How `cfg` differs from the config a checkpoint was trained with, in the settings that alter what a run
+    trains (lr schedule, seed, batch size, data, model), as "key: old -> new". A key the checkpoint predates
+    counts as its default."""
+    stored, given, defaults = _flat(ckpt["config"]), _flat(config_to_dict(cfg)), _flat(SCHEMA)
+    changes = [f"{key}: {stored.get(key, defaults.get(key))!r} -> {value!r}" for key, value in sorted(given.items())
+               if not key.startswith(RESUME_FREE) and stored.get(key, defaults.get(key)) != value]
+    digests = annotation_digests(cfg)
+    changes += [f"the content of datasets.{SPLITS[split]} (sha256 {old[:12]}... -> {digests.get(split, 'none')[:12]}"
+                "...)" for split, old in ckpt.get("data", {}).items() if digests.get(split) != old]
+    return changes
+
+
+def annotation_digests(cfg: DictConfig) -> dict[str, str]:
+    """sha256 of the training and validation annotation files that exist (of each file of a list, joined by +):
+    what a run was trained on."""
+    paths = {split: cfg.datasets.get(SPLITS[split]) for split in ("train", "valid")} if "datasets" in cfg else {}
+    files = {split: [path] if isinstance(path, str) else list(path) for split, path in paths.items() if path}
+    return {split: "+".join(file_fingerprint(f)["sha256"] for f in fs) for split, fs in files.items()
+            if all(Path(f).is_file() for f in fs)}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"run.optims.init_lr": value, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _every(step: int, period: int) -> bool:
@@ -249,6 +301,12 @@ def fsdp_wrap(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
+def error_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+    """WER (CER for Chinese) of the ASR records, `asr/<lang>/<wer|cer>`: the alignment check's scores."""
+    scores = score_records([r for r in records if r["task"].startswith("asr")])
+    return {k: v for k, v in scores.items() if k.endswith(("/wer", "/cer"))}
+
+
 class Runner:
     """Trains, validates and decodes one SALMONN model with the settings of `cfg.run`."""
 
@@ -271,10 +329,11 @@ class Runner:
         self.data_position = {"epoch": 0, "batch": 0}
         self.rng_restored = False
         self.writer = None
+        self.data_digests = annotation_digests(cfg)  # what a resume checks the data against
 
         self.model = model.to(self.device)
         self.resume_path = resolve_resume(self.run_cfg.resume, self.output_dir)
-        checkpoint = self._read_checkpoint(self.resume_path) if self.resume_path else None
+        checkpoint = self.read_training_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:  # weights go in before wrapping: FSDP then shards the resumed weights
             self.model.load_checkpoint_dict(checkpoint, source=str(self.resume_path))
         if self.run_cfg.gradient_checkpointing:
@@ -294,13 +353,9 @@ class Runner:
 
     # ---------------------------------------------------------------- setup
     def _check_run_config(self) -> None:
-        run = self.run_cfg
-        if run.accum_grad_iters < 1 or run.batch_size_train < 1 or run.batch_size_eval < 1:
-            raise ValueError("run.accum_grad_iters, run.batch_size_train and run.batch_size_eval must be >= 1")
-        if run.keep_last < 1:
-            raise ValueError("run.keep_last must be >= 1 (resume needs the latest checkpoint)")
-        if run.fsdp and not self.dist.distributed:
-            raise ValueError("run.fsdp: true needs several processes (start with torchrun --nproc_per_node N)")
+        """What config.py cannot check alone (its ranges cover sizes, rates and counts)."""
+        if self.run_cfg.fsdp and not self.dist.distributed:
+            raise ConfigError("run.fsdp: true needs several processes (start with torchrun --nproc_per_node N)")
 
     def _iters_per_epoch(self) -> int:
         if not self.run_cfg.epoch_based or "train" not in self.datasets:  # (run.evaluate has no train split)
@@ -308,7 +363,7 @@ class Runner:
         batches = len(self._train_loader(0, 0))
         steps = batches // self.run_cfg.accum_grad_iters
         if steps < 1:
-            raise ValueError(f"epoch_based: the training split gives {batches} batches per process, fewer than "
+            raise ConfigError(f"epoch_based: the training split gives {batches} batches per process, fewer than "
                              f"run.accum_grad_iters={self.run_cfg.accum_grad_iters}")
         return steps
 
@@ -442,27 +497,26 @@ class Runner:
 
     def _train_loop(self, stream: BatchStream) -> dict[str, float]:
         """Steps until total_steps; returns the last validation metrics."""
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
-                   dynamic_ncols=True)
         last_valid: dict[str, float] = {}
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            micro_batches = [stream.next() for _ in range(self.run_cfg.accum_grad_iters)]
-            lr = self.optimizer.param_groups[0]["lr"]
-            result = self.train_step(micro_batches)
-            self.step += 1
-            self.data_position = stream.position
-            seconds = time.perf_counter() - t0
-            self._log_step(result, lr, seconds, bar)
+        with tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
+                  dynamic_ncols=True) as bar:  # closed on an error too: its message then gets a line of its own
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                micro_batches = [stream.next() for _ in range(self.run_cfg.accum_grad_iters)]
+                lr = self.optimizer.param_groups[0]["lr"]
+                result = self.train_step(micro_batches)
+                self.step += 1
+                self.data_position = stream.position
+                seconds = time.perf_counter() - t0
+                self._log_step(result, lr, seconds, bar)
 
-            end_of_epoch = self.step % self.iters_per_epoch == 0
-            valid: dict[str, float] = {}
-            if end_of_epoch or _every(self.step, self.run_cfg.valid_every_steps):
-                valid = self.validate()
-                last_valid = valid or last_valid
-            if end_of_epoch or valid or _every(self.step, self.run_cfg.save_every_steps):
-                self.save_checkpoint(valid)
-        bar.close()
+                end_of_epoch = self.step % self.iters_per_epoch == 0
+                valid: dict[str, float] = {}
+                if end_of_epoch or _every(self.step, self.run_cfg.valid_every_steps):
+                    valid = self.validate()
+                    last_valid = valid or last_valid
+                if end_of_epoch or valid or _every(self.step, self.run_cfg.save_every_steps):
+                    self.save_checkpoint(valid)
         return last_valid
 
     # ---------------------------------------------------------------- logging
@@ -485,12 +539,24 @@ class Runner:
         return self.output_dir / "metrics.jsonl"
 
     def _truncate_metrics_log(self) -> None:
-        """On resume, drop lines logged after the checkpoint's step (a killed run may have logged a few more)."""
+        """On resume, drop lines logged after the checkpoint's step (a killed run may have logged a few more) and a
+        last line cut short (a power loss), with a warning; a broken line elsewhere is an error naming it."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                step = json.loads(line)["step"] if line.strip() else None
+            except (ValueError, KeyError, TypeError) as e:
+                if number < len(lines):
+                    raise ConfigError(f"{self.metrics_path}:{number}: not a metrics line ({e}); fix or remove "
+                                      "the line") from e
+                log.warning("%s:%d: last line cut short (a power loss?); dropped it", self.metrics_path, number)
+                continue
+            if step is not None and step <= self.step:
+                kept.append(line)
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -557,10 +623,10 @@ class Runner:
         self.datasets["valid_silenced"] = copy.copy(dataset)
         self.datasets["valid_silenced"].silence_audio = True
         silenced = self.decode("valid_silenced", limit=self.run_cfg.valid_decode_samples)
-        scores = broadcast_object({f"silenced/{k}": v for k, v in score_records(
-            [r for r in silenced if r["task"].startswith("asr")]).items()} if self.dist.is_main else None)
+        scores = broadcast_object({f"silenced/{k}": v for k, v in error_rates(silenced).items()}
+                                  if self.dist.is_main else None)
         if self.dist.is_main:
-            audio = score_records([r for r in records if r["task"].startswith("asr")])
+            audio = error_rates(records)
             log.info("alignment check at step %d: %s", self.step, "; ".join(
                 f"{k} {v:.1f} with audio, {scores['silenced/' + k]:.1f} silenced" for k, v in audio.items()))
         return scores
@@ -654,6 +720,7 @@ class Runner:
             "skipped_steps": self.skipped_steps,
             "best": dict(self.best),
             "valid": dict(valid_metrics),
+            "data": self.data_digests,
         }
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -682,7 +749,8 @@ class Runner:
         return better
 
     @staticmethod
-    def _read_checkpoint(path: Path) -> dict[str, Any]:
+    def read_training_checkpoint(path: Path) -> dict[str, Any]:
+        """A checkpoint this runner wrote (read_checkpoint's checks, then every field a resume needs)."""
         log.info("reading checkpoint %s", path)
         ckpt = read_checkpoint(path)
         missing = [k for k in CHECKPOINT_FIELDS if k not in ckpt]
@@ -706,8 +774,20 @@ class Runner:
         else:
             log.warning("checkpoint was written by %d processes, this run has %d: data order and RNG streams "
                         "differ from an uninterrupted run", ckpt["world_size"], self.dist.world_size)
+        self._apply_optimizer_settings()
         log.info("resumed at step %d (epoch %d, data epoch %d, batch %d)", self.step, ckpt["epoch"],
                  self.data_position["epoch"], self.data_position["batch"])
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's optimizer settings and lr schedule over those a checkpoint restored. They are the same
+        values unless --resume-with-changes changed them: then the run follows the new schedule from its step on,
+        not an lr of neither schedule."""
+        optims = self.run_cfg.optims
+        self.scheduler.base_lrs = [optims.init_lr] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group.update(initial_lr=optims.init_lr, lr=optims.init_lr * lr_lambda(self.scheduler.last_epoch),
+                         betas=(optims.beta1, optims.beta2), eps=optims.eps)
+        self.optimizer.param_groups[0]["weight_decay"] = optims.weight_decay  # (group 1: norms and biases, none)
 
 
 class _Unsharded:

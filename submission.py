@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from labels import LABEL_ALIASES, TASK_BY_NUMBER, text_language
@@ -47,10 +48,22 @@ TASK_NUMBER = {task: number for number, task in TASK_BY_NUMBER.items()}
 LANGUAGES = ("zh", "en")
 _TASK_IN_NAME = re.compile(r"(?:^|[^a-z0-9])t(?:ask)?[-_]?([123])(?![0-9])", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{(text|out)\}")
+_NOTA_ID = re.compile(r"test\d{4}")  # the ids of Nota's evaluator sets (its submission_validator.py)
+_NOTA_LIKE_ID = re.compile(r"test\d")
 
 
 class PackageError(ValueError):
     """A package that cannot be written (a dialogue without a prediction, a failing TTS command ...)."""
+
+
+def plain_name_problem(value: object) -> str | None:
+    """Why a dialogue id, turn id, language or output name cannot name a file inside a folder (None when it can):
+    they become parts of output paths, so a path separator, `..` or nothing would write outside the folder."""
+    name = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if name is None or name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        return (f"{value!r} is not a plain file name (it becomes part of a file name inside the output folder: no "
+                "'/', '\\', '..', control characters or empty)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the release
@@ -147,6 +160,16 @@ class Release:
         """Where the package answers it: out_dir/<lang>/HD-Track1-T<n>.jsonl."""
         return out_dir / self.language / package_file_name(self.task)
 
+    def path_problem(self) -> str | None:
+        """Why its id, language or turn ids would name a path outside the package (None when they do not)."""
+        parts = {"dialogue_id": self.record["dialogue_id"], "language": self.language}
+        parts.update({f"turn_id of turn {n}": turn_id_of(t, n - 1) for n, t in enumerate(self.record["turns"], 1)})
+        for key, value in parts.items():
+            problem = plain_name_problem(value)
+            if problem:
+                return f"{self.where}: {key} {problem}"
+        return None
+
 
 def releases_of_entries(entries: Iterable[Mapping[str, Any]]) -> list[Release]:
     """The release dialogues behind annotation entries (convert.py keeps each one as `release_record`)."""
@@ -156,7 +179,10 @@ def releases_of_entries(entries: Iterable[Mapping[str, Any]]) -> list[Release]:
             raise PackageError(f"{entry.get('source', entry.get('id', entry.get('path')))}: not a HumDial dialogue "
                                f"converted by convert.py (no release_record, or task {entry.get('task')!r} is "
                                f"not one of {', '.join(TASK_NUMBER)}): re-run convert.py on the test JSONL")
-        releases.append(Release(entry["source"], entry["release_record"], entry["task"], entry["language"]))
+        release = Release(entry["source"], entry["release_record"], entry["task"], entry["language"])
+        if release.path_problem():
+            raise PackageError(release.path_problem())
+        releases.append(release)
     return releases
 
 
@@ -173,7 +199,11 @@ def read_releases(paths: Iterable[str | os.PathLike]) -> tuple[list[Release], li
                 problems.append(f"{where}: cannot tell the task: name the file HD-Track1-T<n>.jsonl as the "
                                 "release does")
                 continue
-            releases.append(Release(where, record, task, release_language(record, path.parent.name)))
+            release = Release(where, record, task, release_language(record, path.parent.name))
+            if release.path_problem():
+                problems.append(release.path_problem())
+                continue
+            releases.append(release)
     return releases, problems
 
 
@@ -236,15 +266,14 @@ def write_package(records: list[dict[str, Any]], entries: list[dict[str, Any]], 
     order); Task 3 replies are spoken with the language's TTS command. It is made in a staging folder renamed to
     out_dir at the end, so a failure (a TTS error, a missing prediction) leaves nothing. Returns its files."""
     check_package_dir_free(out_dir)
-    predictions = {(r["id"], r["task"]): r["prediction"] for r in records}
+    predictions = predictions_of_entries(records, entries)
+    releases = releases_of_entries(entries)
+    check_tts_commands(releases, tts_commands)
     staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.partial")
     lines: dict[Path, list[dict]] = defaultdict(list)
     staging.mkdir(parents=True)
     try:
-        for entry, release in zip(entries, releases_of_entries(entries)):
-            if (entry["id"], entry["task"]) not in predictions:
-                raise PackageError(f"{entry['source']}: no prediction for dialogue {entry['id']} ({entry['task']}): "
-                                   "a package needs every test dialogue (decode without --limit)")
+        for entry, release in zip(entries, releases):
             reply = predictions[entry["id"], entry["task"]].strip()
             path = release.package_path(Path())  # relative to the package
             audio = None
@@ -266,19 +295,64 @@ def write_package(records: list[dict[str, Any]], entries: list[dict[str, Any]], 
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
 
+def predictions_of_entries(records: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[tuple, str]:
+    """(id, task) -> prediction: one for every entry and none for anything else, or a PackageError."""
+    predictions = {(r["id"], r["task"]): r["prediction"] for r in records}
+    for entry in entries:
+        if (entry["id"], entry["task"]) not in predictions:
+            raise PackageError(f"{entry['source']}: no prediction for dialogue {entry['id']} ({entry['task']}): "
+                               "a package needs every test dialogue (decode without --limit)")
+    unknown = sorted(set(predictions) - {(e["id"], e["task"]) for e in entries})
+    if unknown:
+        raise PackageError(f"{len(unknown)} prediction(s) answer no dialogue of the annotation, e.g. "
+                           f"{', '.join(f'{i} ({t})' for i, t in unknown[:3])}: were they decoded from another one?")
+    return predictions
+
+
 def tts_command(tts_commands: Mapping[str, str], language: str) -> str:
+    """The language's TTS command template, checked (tts_command_problem)."""
     if language not in tts_commands:
         raise PackageError(f"no TTS command for language {language!r}: set submission.tts_command.{language}")
+    problem = tts_command_problem(tts_commands[language])
+    if problem:
+        raise PackageError(f"submission.tts_command.{language} ({tts_commands[language]!r}) {problem}")
     return tts_commands[language]
+
+
+def check_tts_commands(releases: Iterable[Release], tts_commands: Mapping[str, str]) -> None:
+    """Every TTS command a package of these dialogues needs (Task 3's languages), checked before anything is
+    decoded or spoken."""
+    for language in sorted({release.language for release in releases if release.task == EMPATHY}):
+        tts_command(tts_commands, language)
+
+
+def tts_command_problem(command: str) -> str | None:
+    """Why a TTS command template is not safe to run (None when it is): it needs {out}, and {text} as a whole
+    argument after `--` (end of options) or joined to its option (`--text={text}`), so that a reply is always
+    spoken as text: a reply `-f/etc/passwd` must not make espeak-ng read that file aloud."""
+    try:
+        args = shlex.split(command)
+    except ValueError as e:
+        return f"cannot be split into arguments: {e}"
+    holding = [i for i, arg in enumerate(args) if "{text}" in arg]
+    if not any("{out}" in arg for arg in args) or len(holding) != 1:
+        return "must hold {text} and {out} ({text} in one argument)"
+    i = holding[0]
+    if (args[i] == "{text}" and "--" in args[1:i]) or re.fullmatch(r"--?[\w-]+=\{text\}", args[i]):
+        return None
+    return ("must pass {text} after `--` (end of options), e.g. 'espeak-ng -w {out} -- {text}', or as "
+            "--option={text}: a reply that starts with a dash would be read as an option")
 
 
 def speak(text: str, out: Path, command: str) -> None:
     """Runs the TTS command template (`{text}`, `{out}` placeholders) without a shell: each placeholder becomes
-    exactly the text or the path, whatever quotes or braces the text holds. The wav must come out readable."""
-    if "{out}" not in command or "{text}" not in command:
-        raise PackageError(f"submission.tts_command must hold {{text}} and {{out}}, got {command!r}")
+    exactly the text or the (absolute) path, whatever quotes, braces or leading dashes the text holds. The wav must
+    come out readable."""
+    problem = tts_command_problem(command)
+    if problem:
+        raise PackageError(f"submission.tts_command {command!r} {problem}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    values = {"text": text, "out": str(out)}
+    values = {"text": text, "out": str(out.absolute())}
     argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in shlex.split(command)]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -293,16 +367,35 @@ def speak(text: str, out: Path, command: str) -> None:
         raise PackageError(f"TTS command {shlex.join(argv)!r} wrote no usable audio: {problem}")
 
 
-def audio_problem(path: Path) -> str | None:
-    """What is wrong with an audio file (missing, unreadable, no samples), or None."""
+def audio_problem(path: Path, read_samples: bool = False) -> str | None:
+    """What is wrong with an audio file (missing, unreadable, no samples, truncated; with read_samples also
+    undecodable or non-finite samples), or None."""
     if not path.is_file():
         return f"audio file not found: {path}"
     try:
         info = sf.info(str(path))
+        samples = sf.read(str(path), dtype="float32")[0] if read_samples else None
     except (sf.LibsndfileError, RuntimeError) as e:
         return f"cannot read audio {path}: {e}"
     if info.frames == 0:
         return f"audio file has no samples: {path}"
+    if wav_truncation(info):
+        return f"audio file is truncated: {path} ({wav_truncation(info)})"
+    if samples is not None and not np.isfinite(samples).all():
+        return f"audio file has non-finite samples (NaN or inf): {path}"
+    return None
+
+
+_WAV_DATA_SIZE = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+
+
+def wav_truncation(info: Any) -> str | None:
+    """What a WAV header promises that its file does not hold (libsndfile's own reading of the header says
+    `data : 64000 (should be 156)`), or None. libsndfile reads such a file as the few samples that are there,
+    silently; a streamed WAV's placeholder sizes (0, 0xFFFFFFFF) mean "unknown", not truncated."""
+    match = _WAV_DATA_SIZE.search(getattr(info, "extra_info", "") or "")
+    if match and int(match[1]) not in (0, 0xFFFFFFFF) and int(match[1]) > int(match[2]):
+        return f"its header declares {match[1]} bytes of samples, the file holds {match[2]}"
     return None
 
 
@@ -449,6 +542,7 @@ def validate_submission(path: str | Path, expected_ids: set[str] | None = None) 
             problems.append(f"{where}: empty answer for {testset_id!r}")
         elif "\n" in text or "\r" in text:
             problems.append(f"{where}: the answer for {testset_id!r} spans several lines")
+    problems += nota_id_problems(path, [row[0] for row in rows[1:] if len(row) == len(SUBMISSION_HEADER)])
     if expected_ids is not None:
         missing, unknown = sorted(expected_ids - seen), sorted(seen - expected_ids)
         if missing:
@@ -456,6 +550,16 @@ def validate_submission(path: str | Path, expected_ids: set[str] | None = None) 
         if unknown:
             problems.append(f"{path}: {len(unknown)} id(s) are not in the test set, e.g. {', '.join(unknown[:5])}")
     return problems
+
+
+def nota_id_problems(path: Path, ids: list[str]) -> list[str]:
+    """Nota's evaluator takes ids of the form test0000 only: once any id looks like one (`test` and a digit),
+    every id must be exactly that."""
+    if not any(_NOTA_LIKE_ID.match(i) for i in ids):
+        return []
+    bad = [i for i in ids if not _NOTA_ID.fullmatch(i)]
+    return [f"{path}: {len(bad)} testset_id(s) are not in Nota's format testXXXX (four digits, e.g. test0001): "
+            f"{', '.join(map(repr, bad[:5]))}"] if bad else []
 
 
 def annotation_ids(entries: Iterable[Mapping[str, Any]], task: str | None = None) -> set[str]:

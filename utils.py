@@ -3,22 +3,27 @@ and inference. (The config lives in config.py.)"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from config import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,9 +91,14 @@ def resolve_device(name: str) -> torch.device:
     """`auto` (cuda when visible), `cpu`, `cuda` or `cuda:N`; asking for a GPU that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' asked for, but no CUDA device is visible")
+        raise ConfigError(f"device '{name}' asked for, but no CUDA device is visible (use auto or cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
@@ -137,11 +147,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", run: Any = None) -> DistInfo:
     """Join the process group that torchrun describes (env://): nccl on GPUs, gloo on CPU.
 
-    Without torchrun's variables this is a single process on `device` (auto = cuda if available).
+    Without torchrun's variables this is a single process on `device` (auto = cuda if available). `run`: the run
+    section, whose original launch keys (use_distributed, world_size, dist_url) must agree with torchrun's
+    environment (ConfigError naming the key otherwise).
     """
+    if run is not None:
+        check_launch(run.get("use_distributed"), run.get("world_size"), run.get("dist_url"), os.environ)
     device = resolve_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -160,6 +174,32 @@ def init_distributed(device: str = "auto") -> DistInfo:
             device_id=torch_device if device == "cuda" else None,
         )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def check_launch(use_distributed: bool | None, world_size: int | None, dist_url: str | None,
+                 environ: Mapping[str, str]) -> None:
+    """The original's launch keys against how this process was started: torchrun sets WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT. What contradicts torchrun's launch (another world size, distribution switched off under several
+    processes, another rendezvous) is an error. Started without torchrun, the script is one process whatever the
+    keys say, as the original's was (Nota's stage configs say world_size: 2 and are dry-run with `python
+    train.py`): a world size above 1 is then only warned about."""
+    started = int(environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in environ:
+        if world_size is not None and world_size > 1:
+            logging.getLogger(__name__).warning(
+                "run.world_size is %d, but the script was started without torchrun: one process (start it with "
+                "torchrun --nproc_per_node %d for %d)", world_size, world_size, world_size)
+        return
+    how = f"torchrun started {started} process(es)"
+    if use_distributed is False and started > 1:
+        raise ConfigError(f"run.use_distributed is false, but {how}: set it to true, or start with python")
+    if world_size is not None and world_size != started:
+        raise ConfigError(f"run.world_size is {world_size}, but {how}: start with torchrun --nproc_per_node "
+                          f"{world_size} (times --nnodes), or set it to {started}")
+    rendezvous = f"tcp://{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')}"
+    if started > 1 and dist_url not in (None, "env://", rendezvous):
+        raise ConfigError(f"run.dist_url is {dist_url!r}, but torchrun's rendezvous is {rendezvous}: use env:// "
+                          "(or remove the key)")
 
 
 def destroy_distributed() -> None:
@@ -195,6 +235,41 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per folder
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderInUse(RuntimeError):
+    """An output folder that another running process holds."""
+
+
+def hold_folder(folder: str | os.PathLike, program: str) -> IO[str]:
+    """An exclusive OS lock on <folder>/.lock, held until the returned file is closed (use it as a context
+    manager) or the process ends, however it ends: a second run into the folder stops at once, naming the holder.
+    A POSIX record lock (lockf), not flock: forked children (data loader workers) do not inherit it, so it dies
+    with its process at once and a killed run leaves none behind. The file only names the holder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            lock.close()
+            raise
+        holder = lock.read().strip() or "a process that has not written its pid yet"
+        lock.close()
+        raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, or choose another "
+                          "output folder") from None
+    lock.truncate()
+    lock.write(f"{program} pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------------------

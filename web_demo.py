@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -235,17 +236,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_port_free(host: str, port: int) -> None:
+    """The page's address can be bound: checked before the model loads, so a clash costs a second, not a load."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port} ({e.strerror}): another program uses the port; "
+                              "pass another --port") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_port_free(args.host, args.port)
         assistant = open_assistant(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo = build_demo(assistant, args.max_seconds, args.lora_scaling, args.turns)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                   max_file_size=args.max_file_size, footer_links=[],
-                                                   css=CSS, js=KEEP_TOAST_ERRORS_JS)
+    try:
+        demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                       max_file_size=args.max_file_size, footer_links=[],
+                                                       css=CSS, js=KEEP_TOAST_ERRORS_JS)
+    except OSError as e:  # the port taken between the check and the launch
+        print(f"error: cannot serve on {args.host}:{args.port} ({str(e).splitlines()[0]}): pass another --port",
+              file=sys.stderr)
+        return 2
     return 0
 
 

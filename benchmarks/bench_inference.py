@@ -1,5 +1,5 @@
 """Inference speed and memory of SALMONN: time to first token, time per output token, peak memory and batched
-throughput, for 10 s and 30 s of audio.
+throughput, for 10 s and 30 s of audio (clipped, with a note, to the model's window: 5 s for the tiny demo model).
 
     python -m benchmarks.bench_inference                                   # tiny demo model, CPU
     python -m benchmarks.bench_inference --cfg-path configs/config.yaml --device cuda --new-tokens 64
@@ -10,6 +10,8 @@ is synchronised before and after every timed phase, so GPU work queued asynchron
 belongs):
 - encode: Whisper + BEATs + Q-Former + projection for one clip (`encode_speech`).
 - TTFT: from calling generate to the first new token: encoders, prompt assembly, prefill, first sampling step.
+  Nota's efficiency script (audiolm-evaluator) reports the mean of its runs after a warm-up, and TTFT + TPOT as
+  the "inference time": the mean is printed that way too, beside the fastest.
 - TPOT: (time of the last token - time of the first) / (tokens - 1), over a whole generation of --new-tokens
   tokens (end-of-answer is suppressed so every run generates exactly that many).
 - answers/s: batch size / time of one generate call over the batch (same forced length).
@@ -131,8 +133,8 @@ def fastest_seconds(run: Callable[[], Any], device: torch.device, repeats: int) 
 
 
 def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, Any], repeats: int,
-                              device: torch.device, amp: torch.dtype | None) -> tuple[float, float]:
-    """Fastest TTFT and TPOT (seconds) over batch-size-1 greedy generations of a fixed length."""
+                              device: torch.device, amp: torch.dtype | None) -> tuple[list[float], list[float]]:
+    """TTFT and TPOT (seconds) of each timed batch-size-1 greedy generation of a fixed length (after a warm-up)."""
     ttfts, tpots = [], []
     for attempt in range(repeats + 1):  # the first is a warm-up
         clock = TokenClock(device)
@@ -145,7 +147,7 @@ def first_token_and_per_token(model, batch: dict[str, Any], settings: dict[str, 
         if attempt:
             ttfts.append(clock.times[0] - start)
             tpots.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
-    return min(ttfts), min(tpots)
+    return ttfts, tpots
 
 
 def bench_duration(model, feature_extractor, seconds: float, batch_sizes: list[int],
@@ -158,9 +160,11 @@ def bench_duration(model, feature_extractor, seconds: float, batch_sizes: list[i
         with torch.no_grad(), autocast(amp, device):
             model.encode_speech(single["spectrogram"], single["raw_wav"], single["padding_mask"])
 
-    ttft, tpot = first_token_and_per_token(model, single, settings, repeats, device, amp)
+    ttfts, tpots = first_token_and_per_token(model, single, settings, repeats, device, amp)
     result: dict[str, Any] = {"audio_s": seconds, "encode_ms": 1e3 * fastest_seconds(encode, device, repeats),
-                              "ttft_ms": 1e3 * ttft, "tpot_ms": 1e3 * tpot, "batches": {}}
+                              "ttft_ms": 1e3 * min(ttfts), "tpot_ms": 1e3 * min(tpots),
+                              "ttft_mean_ms": 1e3 * float(np.mean(ttfts)), "tpot_mean_ms": 1e3 * float(np.mean(tpots)),
+                              "batches": {}}
     for batch_size in batch_sizes:
         batch = {k: v.to(device) if torch.is_tensor(v) else v
                  for k, v in noise_batch(feature_extractor, seconds, model.text, batch_size, folder).items()}
@@ -174,6 +178,30 @@ def bench_duration(model, feature_extractor, seconds: float, batch_sizes: list[i
             generate()
         result["batches"][batch_size] = {"answers_per_s": batch_size / elapsed, "peak_mem_mb": memory.peak / 2**20}
     return result
+
+
+def window_durations(durations: list[float], window: float) -> list[float]:
+    """The durations, each at most the encoder's window (one clip per sample), in order without repeats; a note
+    says which were clipped."""
+    if any(d > window for d in durations):
+        given = " ".join(f"{d:g}" for d in durations)
+        print(f"note: --durations {given}: this model's encoder window is {window:g} s; longer durations are clipped "
+              "to it", file=sys.stderr)
+    return list(dict.fromkeys(min(d, window) for d in durations))
+
+
+def nota_summary(results: list[dict[str, Any]], device: torch.device) -> str:
+    """The figures as Nota's efficiency script prints them: means after warm-up at batch 1, inference time = TTFT
+    + TPOT, and the peak memory of the batch-1 run when it was measured."""
+    lines = []
+    for r in results:
+        memory = r["batches"].get(1, {}).get("peak_mem_mb")
+        lines.append(f"{r['audio_s']:g} s, batch 1, mean of the timed runs: TTFT {r['ttft_mean_ms'] / 1e3:.4f} s, "
+                     f"TPOT {r['tpot_mean_ms'] / 1e3:.4f} s, inference time (TTFT + TPOT) "
+                     f"{(r['ttft_mean_ms'] + r['tpot_mean_ms']) / 1e3:.4f} s"
+                     + (f", peak memory {memory / 1024:.4f} GB ({'allocated' if device.type == 'cuda' else 'RSS'})"
+                        if memory is not None else ""))
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict[str, Any]], device: torch.device) -> str:
@@ -192,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--durations", type=float, nargs="+", default=[10.0, 30.0],
-                        help="audio seconds, at most the encoder's window (30 s; 5 s for the demo model)")
+                        help="audio seconds; longer than the encoder's window (30 s; 5 s for the demo model) is "
+                             "clipped to it")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer (forced)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the fastest is kept), after a warm-up")
@@ -214,14 +243,16 @@ def main(argv: list[str] | None = None) -> int:
                                         "do_sample": False, "max_new_tokens": args.new_tokens,
                                         "min_new_tokens": args.new_tokens})
     settings.pop("min_length", None)  # min_new_tokens decides
+    durations = window_durations(args.durations, feature_extractor.chunk_length)
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_duration(model, feature_extractor, seconds, args.batch_sizes,
                                   settings, args.repeats, device, Path(tmp), inference_dtype(cfg, model))
-                   for seconds in args.durations]
+                   for seconds in durations]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"SALMONN inference, {name}, LLM {cfg.model.llm_path} ({cfg.model.torch_dtype}), "
           f"{args.new_tokens} new tokens, fastest of {args.repeats} runs")
     print(format_table(results, device))
+    print(nota_summary(results, device))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "settings": settings, "results": results}, indent=1))
     return 0

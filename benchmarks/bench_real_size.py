@@ -37,7 +37,7 @@ from transformers import WhisperModel
 
 from benchmarks.bench_inference import TokenClock
 from benchmarks.bench_train import cpu_name
-from config import load_config
+from config import add_config_arguments, load_config
 from dataset_v1 import build_dataset, collate, read_annotation
 from models.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
 from models.salmonn import SALMONN
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", required=True, help="folder written by scripts.make_real_shape_assets")
     ap.add_argument("--llm", choices=sorted(CONFIG), default="7b")
-    ap.add_argument("--cfg-path", default=None, help="default: the released recipe of --llm")
-    ap.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_config_arguments(ap, "default: the released recipe of --llm")
     ap.add_argument("--count-flops", action="store_true",
                     help="count each training step's FLOPs (torch.utils.flop_counter, attention on PyTorch's math "
                          "path); the counter and that path then add to the step's time and memory")

@@ -38,7 +38,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import load_config
+from config import add_config_arguments, load_config
 from runner import Runner, build_datasets, build_model
 from utils import init_distributed, seed_everything, setup_logging
 
@@ -51,12 +51,13 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PC
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg-path", default=str(ROOT / "configs/demo.yaml"))
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, "the config(s) to time; default: configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device, in TFLOP/s")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.cfg_path = args.cfg_path or [str(ROOT / "configs/demo.yaml")]
+    return args
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None, given_tflops: float | None) -> tuple[float, str]:

@@ -13,9 +13,10 @@ Per LLM size:
   `torch.device("cuda")` so the weights are made on the GPU, in model.torch_dtype;
 - training: `Runner.train_step` (forward, backward, clipping, AdamW) on HumDial-shaped dialogues (5 user turns of
   ~4 s of noise, the demo corpus's prompts and answers), the recipe's batch per GPU, without and then with
-  run.gradient_checkpointing: samples/s, LLM tokens/s, MFU (FLOPs counted once, without checkpointing, by
-  torch's FlopCounterMode: model FLOPs, so the recomputation of checkpointing is not credited), and peak memory
-  (torch.cuda.max_memory_allocated, reset after a warm-up step; timings synchronised);
+  run.gradient_checkpointing, each row timed after an untimed pass over its batches (the warm-up): samples/s,
+  LLM tokens/s, MFU (FLOPs counted once, without checkpointing, by torch's FlopCounterMode: model FLOPs, so the
+  recomputation of checkpointing is not credited), and peak memory (torch.cuda.max_memory_allocated, reset after
+  the warm-up; timings synchronised);
 - inference: benchmarks/bench_inference.py's measurement: TTFT and TPOT at batch 1 for 10 s and 30 s of audio,
   answers/s at batch 4 and 16 (greedy, a forced answer length), peak memory of each batch;
 - beside each peak, memory_plan's prediction for the same shapes (allocated bytes, docs/memory.md).
@@ -218,8 +219,12 @@ def train_phase(cfg, model, batches: list[dict[str, Any]], checkpointing: bool, 
     runner = Runner(cfg, model, {}, dist)
     device = dist.device
     shapes = SequenceShape(model)
+    warm_up = 1 + setting.steps
     try:
-        runner.train_step([batches[0]])  # warm-up: kernels chosen, AdamW state allocated
+        # Warm-up, untimed: kernels chosen, AdamW state allocated, and every timed batch seen once, so that no row
+        # pays for a first pass (model.cache_frozen_encoders encodes each clip once; the first row used to).
+        for batch in batches[:warm_up]:
+            runner.train_step([batch])
         peak = PeakMemory(device)
         seconds = samples = targets = 0.0
         with peak:
@@ -230,7 +235,7 @@ def train_phase(cfg, model, batches: list[dict[str, Any]], checkpointing: bool, 
                 synchronize(device)
                 seconds += time.perf_counter() - start
                 samples, targets = samples + result.samples, targets + result.tokens
-        timed = shapes.calls[1:1 + setting.steps]
+        timed = shapes.calls[warm_up:warm_up + setting.steps]
         if flops_per_step is None:
             with FlopCounterMode(display=False) as counter:
                 runner.train_step([batches[1]])

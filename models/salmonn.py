@@ -35,7 +35,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from config import section_defaults
 from models import SAMPLE_RATE, window_frames
 from models.beats import BEATs
-from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, load_llm
+from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, llm_folder, load_llm
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def read_checkpoint(path: str | Path) -> dict:
     is an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: '{path}' (download salmonn_v1.pth / salmonn_7b_v0.pth "
-                                "there, run the training stage that writes it, or fix model.ckpt)")
+        raise FileNotFoundError(_checkpoint_missing(path))
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint")
@@ -146,6 +145,30 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
 
 
+WHISPER_FOLDER = ("whisper-large-v2 (Hugging Face format)", ("config.json", "preprocessor_config.json"))
+
+
+def _checkpoint_missing(path: str | Path) -> str:
+    return (f"checkpoint not found: '{path}' (download salmonn_v1.pth / salmonn_7b_v0.pth there, run the training "
+            "stage that writes it, or fix model.ckpt)")
+
+
+def _beats_missing(path: str | Path) -> str:
+    return f"BEATs checkpoint not found at '{path}': download BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt there"
+
+
+def check_model_files(cfg: Mapping[str, Any]) -> None:
+    """The folders and files the `model:` section names exist, or FileNotFoundError saying what to download where:
+    a script checks this before it reads any data or weights, so a job on a machine without them stops at once."""
+    cfg = section_defaults("model", cfg)
+    _require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
+    llm_folder(cfg["llm_path"])
+    if cfg["beats_path"] and not Path(cfg["beats_path"]).is_file():
+        raise FileNotFoundError(_beats_missing(cfg["beats_path"]))
+    if cfg["ckpt"] and not Path(cfg["ckpt"]).exists():
+        raise FileNotFoundError(_checkpoint_missing(cfg["ckpt"]))
+
+
 def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
     """A local model folder, or an error that says what to download where."""
     p = Path(path)
@@ -176,8 +199,7 @@ class SALMONN(nn.Module):
             raise ValueError("model.use_speech_Qformer: false is not supported (the original raises too)")
         dtype = getattr(torch, cfg["torch_dtype"])  # float32 | bfloat16 | float16 (config.CHOICES)
 
-        whisper_dir = _require_dir(cfg["whisper_path"], "whisper-large-v2 (Hugging Face format)",
-                                   ("config.json", "preprocessor_config.json"))
+        whisper_dir = _require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
         self.speech_encoder = self._load_whisper_encoder(whisper_dir, cfg["random_init"], dtype)
         d_whisper = self.speech_encoder.config.d_model
         self.ln_speech = nn.LayerNorm(d_whisper)
@@ -257,8 +279,7 @@ class SALMONN(nn.Module):
                                  "or point beats_path at BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
             return BEATs(json.loads(p.read_text()))
         if not p.is_file():
-            raise FileNotFoundError(f"BEATs checkpoint not found at '{path}': download "
-                                    "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt there")
+            raise FileNotFoundError(_beats_missing(path))
         return BEATs.from_checkpoint(p)
 
     def _load_projection(self, path: str) -> None:
@@ -468,18 +489,18 @@ class SALMONN(nn.Module):
                                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`encoder_outputs`, remembered per clip (`model.cache_frozen_encoders`): frozen encoders give a clip the
         same features every time, so a clip seen again (next epoch, or its turn in another sample) skips them.
+        A new clip is encoded alone, its samples unpadded: its features never depend on what it was batched with,
+        so a resumed run, whose cache starts empty, computes exactly the features the uninterrupted run cached.
         Keyed by the clip's content, kept in host memory: at full size ~3.8 MB (Whisper) + ~2.3 MB (BEATs) per
         30 s clip in 16-bit, so meant for data sets that fit in RAM."""
         keys = self._clip_keys(spectrogram, raw_wav, audio_padding_mask)
-        missing = list({k: c for c, k in enumerate(keys) if k not in self.encoder_cache}.items())
-        if missing:
-            rows = [c for _, c in missing]
+        for key, c in {k: c for c, k in enumerate(keys) if k not in self.encoder_cache}.items():
+            n = None if audio_padding_mask is None else int((~audio_padding_mask[c]).sum())
             speech, audio, audio_pad = self.encoder_outputs(
-                spectrogram[rows], None if raw_wav is None else raw_wav[rows],
-                None if audio_padding_mask is None else audio_padding_mask[rows])
-            for j, (key, _) in enumerate(missing):
-                patches = None if audio is None else audio[j][~audio_pad[j]].cpu()  # [P_clip, Db]: padding dropped
-                self.encoder_cache[key] = (speech[j].cpu(), patches)
+                spectrogram[c:c + 1], None if raw_wav is None else raw_wav[c:c + 1, :n],
+                None if audio_padding_mask is None else audio_padding_mask[c:c + 1, :n])
+            patches = None if audio is None else audio[0][~audio_pad[0]].cpu()  # [P_clip, Db]: padding dropped
+            self.encoder_cache[key] = (speech[0].cpu(), patches)
         cached = [self.encoder_cache[k] for k in keys]
         speech = torch.stack([s for s, _ in cached]).to(self.device)
         if self.beats is None:

@@ -11,18 +11,16 @@ import argparse
 import sys
 
 from adapters import check_new_folder, export_adapter
-from config import ConfigError, load_config
+from config import ConfigError, add_config_arguments, load_config
 from models.salmonn import SALMONN, CheckpointError
 from utils import error_message
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfg-path", action="append", required=True, metavar="YAML",
-                    help="the model's config (several are merged in order)")
+    add_config_arguments(ap, "the model's config (several are merged in order)", required=True)
     ap.add_argument("--out", required=True, help="folder to write (must not exist yet, or be empty)")
     ap.add_argument("--ckpt", default=None, help="the checkpoint to export (default: the config's model.ckpt)")
-    ap.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     return ap.parse_args(argv)
 
 

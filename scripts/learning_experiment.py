@@ -254,7 +254,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo_learning", help="corpus, checkpoints, predictions and the report")
     ap.add_argument("--num-dialogues", type=int, default=1200)
     ap.add_argument("--recombined", type=int, default=3000, help="recombined training dialogues to add")
-    ap.add_argument("--options", nargs="*", default=[], help="extra config overrides for both runs")
+    ap.add_argument("--options", action="extend", nargs="*", default=[],
+                    help="extra config overrides for both runs (repeatable)")
     ap.add_argument("--compare-turn-modes", action="store_true",
                     help="instead of audio vs silenced: the audio run in turn modes (a) concat, (b) per_turn "
                          "untrimmed, (c) packed + trimmed + padding-free, (d) per_turn trimmed, for each --seeds")

@@ -403,9 +403,9 @@ def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, worker
     out = Path(os.path.relpath(out))  # the annotations' "source" fields and reports stay free of local paths
     convert = [sys.executable, str(ROOT / "convert.py")]
     subprocess.run([*convert, *(str(out / f"HD-Track1-T{t}-train.jsonl") for t in tasks), "-o", str(out / "ann"),
-                    "--valid-ratio", "0.15", "--seed", str(seed)], check=True)
+                    "--valid-ratio", "0.15", "--seed", str(seed), "--replace"], check=True)  # a corpus made again
     subprocess.run([*convert, *(str(out / f"HD-Track1-T{t}-test.jsonl") for t in tasks), "-o", str(out / "ann"),
-                    "--name", "test"], check=True)
+                    "--name", "test", "--replace"], check=True)
 
 
 def main() -> None:

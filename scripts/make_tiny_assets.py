@@ -40,13 +40,11 @@ BEATS_CFG = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=1
 
 
 def tokenizer_corpus() -> list[str]:
-    """English + Chinese text: the prompts, the demo corpus and a general sentence list."""
-    lines: list[str] = []
-    general = ROOT / "assets/tiny/tokenizer_corpus.txt"
-    lines += general.read_text(encoding="utf-8").splitlines()
-    for prompt_file in sorted((ROOT / "prompts").glob("*.json")):
-        for prompts in json.loads(prompt_file.read_text(encoding="utf-8")).values():
-            lines += prompts if isinstance(prompts, list) else [prompts]
+    """English + Chinese text: a general sentence list, the prompts as they were when the tiny LLMs were made
+    (assets/tiny/tokenizer_prompts.json: fixed, so that a new prompt does not change the tiny tokenizers' ids and
+    with them every checkpoint trained on them) and the demo corpus."""
+    lines = (ROOT / "assets/tiny/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
+    lines += json.loads((ROOT / "assets/tiny/tokenizer_prompts.json").read_text(encoding="utf-8"))
     for jsonl in sorted((ROOT / "data/demo").glob("*.jsonl")):
         for line in jsonl.read_text(encoding="utf-8").splitlines():
             for turn in json.loads(line)["turns"]:

@@ -13,7 +13,8 @@ from benchmarks import gpu_check
 TRAIN_FIELDS = {"gradient_checkpointing", "batch", "steps", "padded_tokens", "speech_tokens", "answer_tokens",
                 "seconds_per_step", "samples_per_s", "tokens_per_s", "target_tokens_per_s", "flops_per_step", "mfu",
                 "peak_flops_source", "peak_memory_gib", "memory_source", "predicted_peak_gib", "predicted_phase"}
-INFERENCE_FIELDS = {"audio_s", "encode_ms", "ttft_ms", "tpot_ms", "batches", "new_tokens", "memory_source"}
+INFERENCE_FIELDS = {"audio_s", "encode_ms", "ttft_ms", "tpot_ms", "ttft_mean_ms", "tpot_mean_ms", "batches",
+                    "new_tokens", "memory_source"}
 BATCH_FIELDS = {"answers_per_s", "peak_memory_gib", "predicted_peak_gib"}
 
 

@@ -215,7 +215,7 @@ def test_cached_encoders_key_packed_clips_by_their_content(tmp_path, model, feat
         expected, _ = model.encode_speech(batch["spectrogram"], batch["raw_wav"], batch["padding_mask"])
     digests = {hashlib.blake2b(clip.astype(np.float32).tobytes(), digest_size=16).digest() for clip in item["clips"]}
     assert set(cached.encoder_cache) == digests and len(digests) == 3  # one entry per packed clip, keyed by it
-    assert len(runs) == 1  # the second pass hit the cache
+    assert len(runs) == len(digests)  # each clip encoded once: the second pass hit the cache
     torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(again, first)
 

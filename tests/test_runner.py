@@ -331,7 +331,7 @@ def test_nan_loss_skip_mode_counts_and_continues(corpus: Path, tmp_path: Path,
 
 
 def test_bad_run_value_fails_before_training(corpus: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="run.keep_last must be >= 1"):
+    with pytest.raises(ValueError, match=r"run.keep_last` must be in \[1, inf\)"):
         run_train(corpus_options(corpus, tmp_path, keep_last=0))
     with pytest.raises(FileNotFoundError, match="run.resume: checkpoint not found"):
         run_train(corpus_options(corpus, tmp_path, resume=str(tmp_path / "missing.pth")))

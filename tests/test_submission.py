@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 # A TTS stand-in: writes a short tone to {out} and the text it was given next to it, to see what arrived.
 ECHO_TTS = (f"{shlex.quote(sys.executable)} -c \"import sys, numpy, soundfile; "
             "soundfile.write(sys.argv[1], numpy.full(800, 0.1), 8000); "
-            "open(sys.argv[1] + '.txt', 'w', encoding='utf-8').write(sys.argv[2])\" {out} {text}")
+            "open(sys.argv[1] + '.txt', 'w', encoding='utf-8').write(sys.argv[3])\" {out} -- {text}")
 
 
 def turns(emotions, replies):
@@ -89,11 +89,11 @@ def test_speak_hands_the_text_over_as_one_argument_whatever_it_holds(tmp_path):
 def test_speak_failures_name_the_command_and_leave_no_wav(tmp_path):
     out = tmp_path / "x.wav"
     with pytest.raises(PackageError, match="TTS program not found: no-such-tts"):
-        speak("hi", out, "no-such-tts -o {out} {text}")
-    failing = f"{shlex.quote(sys.executable)} -c \"import sys; sys.exit('voice missing')\" {{out}} {{text}}"
+        speak("hi", out, "no-such-tts -o {out} -- {text}")
+    failing = f"{shlex.quote(sys.executable)} -c \"import sys; sys.exit('voice missing')\" {{out}} -- {{text}}"
     with pytest.raises(PackageError, match="failed with exit code 1: voice missing"):
         speak("hi", out, failing)
-    silent = f"{shlex.quote(sys.executable)} -c \"open(__import__('sys').argv[1], 'w')\" {{out}} {{text}}"
+    silent = f"{shlex.quote(sys.executable)} -c \"open(__import__('sys').argv[1], 'w')\" {{out}} -- {{text}}"
     with pytest.raises(PackageError, match="wrote no usable audio"):
         speak("hi", out, silent)
     with pytest.raises(PackageError, match=r"must hold \{text\} and \{out\}"):
@@ -287,8 +287,8 @@ def test_a_failing_tts_leaves_no_package(package, tmp_path):
     entries = json.loads((package["tmp"] / "ann" / "test.json").read_text())["annotation"]
     records = [{"id": e["id"], "task": e["task"], "prediction": "a reply"} for e in entries]
     with pytest.raises(PackageError, match="TTS program not found"):
-        submission.write_package(records, entries, tmp_path / "pkg", {"zh": "no-such-tts {out} {text}",
-                                                                     "en": "no-such-tts {out} {text}"})
+        submission.write_package(records, entries, tmp_path / "pkg", {"zh": "no-such-tts {out} -- {text}",
+                                                                     "en": "no-such-tts {out} -- {text}"})
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(PackageError, match="no prediction for dialogue task1_3_zh_0002"):
         submission.write_package(records[:1], entries, tmp_path / "pkg", {})
