@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "new folder; --ann must come from convert.py")
     parser.add_argument("--from-predictions", metavar="PREDICTIONS", default=None,
                         help="with --ann and --submission-dir: write (and check) the package from a saved "
-                             "predictions.jsonl, decoding nothing: a TTS failure after a long decode costs only the TTS")
+                             "predictions.jsonl, decoding nothing: a TTS failure after a long decode costs only "
+                             "the TTS")
     parser.add_argument("--validate-package", metavar="DIR", default=None,
                         help="only check a package against the test JSONL files (--test-jsonl) and exit")
     parser.add_argument("--test-jsonl", nargs="+", default=[], metavar="JSONL",

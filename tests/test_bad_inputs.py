@@ -277,8 +277,8 @@ def test_a_truncated_clip_stops_training_before_the_model_loads(tmp_path, capsys
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps({"annotation": [{"id": "u1", "path": "truncated.wav", "text": "hi", "task": "asr"}]}))
     monkeypatch.setattr(train, "build_model", lambda cfg: pytest.fail("the model was built"))
-    assert train.cli(["--cfg-path", DEMO_CFG, "--options", f"datasets.train_ann_path={ann}", "datasets.valid_ann_path=''",
-                      f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert train.cli(["--cfg-path", DEMO_CFG, "--options", f"datasets.train_ann_path={ann}",
+                      "datasets.valid_ann_path=''", f"run.output_dir={tmp_path / 'run'}"]) == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "truncated.wav" in errors[0] and "truncated" in errors[0]
 
