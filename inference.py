@@ -179,6 +179,11 @@ class Assistant:
             raise ValueError("no audio file given: enter one path per dialogue turn")
         if not prompt.strip():
             raise ValueError("empty prompt: type a question or an instruction about the audio")
+        prompt_tokens = len(self.model.text.encode(prompt))
+        context = self.model.llama_model.config.max_position_embeddings
+        if prompt_tokens > context:  # checked before any audio is read or the model runs
+            raise ValueError(f"the prompt is {prompt_tokens} tokens, more than the LLM's context of {context}: "
+                             "shorten it")
         return make_batch(wav_paths, prompt.strip(), self.feature_extractor, self.model.text,
                           language=text_language(prompt))
 

@@ -153,3 +153,10 @@ def test_lora_scaling_reaches_the_lora_layers(session):
     session.model.set_lora_scaling(0.25)
     assert scalings() == {0.25}
     session.model.set_lora_scaling(default.pop())
+
+
+def test_a_prompt_longer_than_the_llms_context_is_refused_before_anything_runs(session, monkeypatch):
+    """A 50,000-word prompt would hold the one-at-a-time queue for a minute and then fail in the LLM."""
+    monkeypatch.setattr(session.model, "generate", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens, more than the LLM's context of 2048"):
+        list(session.answer(demo_wavs(1), "word " * 50_000))
