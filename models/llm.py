@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from config import MODEL_DEFAULTS
 from models import SPEECH_SLOT
 from models.tokenizer import SalmonnTokenizer
 
@@ -65,8 +66,9 @@ class ChatText:
     """Conversation -> token ids for one LLM folder: prompt ids with the positions of the speech slots, target
     ids ending with the answer's end token, and answers back to text."""
 
-    def __init__(self, path: str | Path, *, chat_template: str = "auto", prompt_template: str = "USER: {}\nASSISTANT:",
-                 system_prompt: str = "", enable_thinking: bool = False, end_sym: str = "", max_txt_len: int = 128):
+    def __init__(self, path: str | Path, *, chat_template: str = MODEL_DEFAULTS["chat_template"],
+                 prompt_template: str = MODEL_DEFAULTS["prompt_template"], system_prompt: str = "",
+                 enable_thinking: bool = False, end_sym: str = "", max_txt_len: int = MODEL_DEFAULTS["max_txt_len"]):
         path = llm_folder(path)
         self.uses_chat_template = chat_template == "auto" and folder_chat_template(path) is not None
         self.prompt_template, self.system_prompt, self.enable_thinking = prompt_template, system_prompt, enable_thinking
