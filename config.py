@@ -145,7 +145,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "repetition_penalty": 1.0,
         "length_penalty": 1.0,
     },
-    "judge": {  # the LLM judge of Tasks 1-3 (judge.py), any OpenAI-compatible chat-completions endpoint
+    "judge": {  # the LLM judge of Tasks 1-3 (humdial/judge.py), any OpenAI-compatible chat-completions endpoint
         "base_url": "",  # e.g. http://localhost:8000/v1 (vllm serve); '' = no judging unless --judge-url
         "model": "",  # the model name the endpoint serves (vllm serve --served-model-name)
         "api_key_env": "",  # environment variable holding the API key; '' = "EMPTY" (vLLM without --api-key)
@@ -159,7 +159,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "prompt_path": "prompts/judge_prompts.json",
         "cache_path": "",  # JSONL of judge replies; '' = judge_cache.jsonl next to the predictions
     },
-    "submission": {  # the challenge package (evaluate.py --submission-dir; submission.py)
+    "submission": {  # the challenge package (evaluate.py --submission-dir; humdial/submission.py)
         # Task 3 replies are spoken by this command per language: a template with {text} and {out} (the wav to
         # write), split like a shell line but run without one; {text} comes after `--` (end of options) or as
         # --option={text}, so a reply is never read as an option (checked). espeak-ng is the offline default; a

@@ -16,7 +16,7 @@ Output entry (one per dialogue and task; audio paths relative to OUT_DIR, the da
      "turns": [{"path", "transcript", "emotion", "duration", "reply"}, ..., {"path", "transcript", "emotion",
                "duration"}]}          # the turns up to the evaluated one, which has no "reply": it is the target
 
-The evaluated turn is the one the challenge scores (submission.evaluated_turn): the last turn for Task 1 and 2
+The evaluated turn is the one the challenge scores (humdial.tasks.evaluated_turn): the last turn for Task 1 and 2
 (the user asks about the conversation); for Task 3 (empathy) the second turn whose emotion is not neutral, as
 the organisers' scorer reads the labels, with the turns after it left out. An empathy dialogue with fewer than
 two non-neutral turns is invalid. A blind test file without labels is read as the scorer reads it (an unlabelled
@@ -52,9 +52,10 @@ from pathlib import Path
 
 import soundfile as sf
 
-from labels import EMOTIONS, TASKS, canonical_emotion
-from submission import (REPLY_KEYS, audio_problem, evaluated_turn, plain_name_problem, release_language,
-                        task_from_name, turn_id_of)
+from dataset_v1 import audio_problem
+from humdial.tasks import REPLY_KEYS, TASKS, evaluated_turn, release_language, task_from_name, turn_id_of
+from metrics import EMOTIONS, canonical_emotion
+from utils import JsonlError, plain_name_problem, read_jsonl, write_json_atomic
 
 SINGLE_CLIP_KEYS = ("path", "text", "task")
 MAX_REPORTED_ERRORS = 50  # strict mode prints this many invalid records in full, then a count
@@ -264,24 +265,6 @@ def convert_dialogue(record: object, location: str, source: Source, aliases: Cou
     }
 
 
-def read_jsonl(path: Path) -> list[tuple[str, object]]:
-    """(where, parsed record or the DataError of a malformed or non-UTF-8 line) for each non-blank line."""
-    records: list[tuple[str, object]] = []
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            records.append((where, json.loads(raw.decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            records.append((where, DataError("not_utf8", f"{where}: not UTF-8 text (byte {e.start + 1} of the "
-                                                         "line): save the file as UTF-8")))
-        except json.JSONDecodeError as e:
-            records.append((where, DataError("malformed_json", f"{where}: malformed JSON: {e.msg} "
-                                                               f"(column {e.colno})")))
-    return records
-
-
 # ---------------------------------------------------------------------------------------------- original format
 def convert_single_clip(entry: object, where: str, source: Source) -> dict:
     """An original-format entry, checked, with `path` (and `expand_wav`) rewritten relative to the output."""
@@ -332,8 +315,8 @@ def convert_file(path: Path, source: Source, stats: Stats, skip_invalid: bool) -
     entries = []
     for where, record, kind in items:
         try:
-            if isinstance(record, DataError):
-                raise record
+            if isinstance(record, JsonlError):
+                raise DataError(record.reason, str(record))
             entry = (convert_dialogue(record, where, source, stats.aliases) if kind == "dialogue"
                      else convert_single_clip(record, where, source))
         except DataError as e:
@@ -375,19 +358,6 @@ def split_by_dialogue(entries: list[dict], valid_ratio: float, seed: int) -> tup
     train = [e for e in entries if entry_key(e)[0] not in valid_ids]
     valid = [e for e in entries if entry_key(e)[0] in valid_ids]
     return train, valid
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Temp file in the same folder, then rename: a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def convert(inputs: list[Path], out_dir: Path, *, audio_root: Path | None = None, valid_ratio: float = 0.0,
@@ -481,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="relative audio paths resolve here (default: each input's folder)")
     parser.add_argument("--valid-ratio", type=float, default=0.0, help="share of dialogues held out as valid")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
-    parser.add_argument("--task", choices=TASKS, default=None, help="task of every input dialogue")
+    parser.add_argument("--task", choices=list(TASKS), default=None, help="task of every input dialogue")
     parser.add_argument("--name", default="train", help="output name: <name>.json and <name>_report.json")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip invalid records (counted in the report) instead of failing")

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,6 @@ from models import SAMPLE_RATE, SPEECH_SLOT, WHISPER_CONV_STRIDE, window_frames
 from models.llm import IGNORE_INDEX, ChatText
 from prompting import (PromptError, TurnText, choose_prompt, conversation, expand_turns, load_prompts, prompt_key,
                        question_messages)
-from submission import wav_truncation
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,45 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
 
 def audio_seconds(path: str | os.PathLike) -> float:
     """Duration of an audio file from its header, nothing decoded: the cheap check that a file is usable audio
-    (missing, unreadable or empty files raise AudioError naming the file), done before a model is loaded."""
-    if not os.path.isfile(path):
-        raise AudioError(f"audio file not found: {path}")
+    (missing, unreadable, empty or truncated files raise AudioError naming the file), done before a model is
+    loaded."""
+    problem = audio_problem(Path(path))
+    if problem:
+        raise AudioError(problem)
+    info = sf.info(str(path))
+    return info.frames / info.samplerate
+
+
+def audio_problem(path: Path, read_samples: bool = False) -> str | None:
+    """What is wrong with an audio file (missing, unreadable, no samples, truncated; with read_samples also
+    undecodable or non-finite samples), or None."""
+    if not path.is_file():
+        return f"audio file not found: {path}"
     try:
         info = sf.info(str(path))
+        samples = sf.read(str(path), dtype="float32")[0] if read_samples else None
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise AudioError(f"cannot read audio file {path}: {e}") from e
+        return f"cannot read audio file {path}: {e}"
     if info.frames == 0:
-        raise AudioError(f"audio file has no samples: {path}")
+        return f"audio file has no samples: {path}"
     if wav_truncation(info):
-        raise AudioError(f"audio file is truncated: {path} ({wav_truncation(info)})")
-    return info.frames / info.samplerate
+        return f"audio file is truncated: {path} ({wav_truncation(info)})"
+    if samples is not None and not np.isfinite(samples).all():
+        return f"audio file has non-finite samples (NaN or inf): {path}"
+    return None
+
+
+_WAV_DATA_SIZE = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
+
+
+def wav_truncation(info: Any) -> str | None:
+    """What a WAV header promises that its file does not hold (libsndfile's own reading of the header says
+    `data : 64000 (should be 156)`), or None. libsndfile reads such a file as the few samples that are there,
+    silently; a streamed WAV's placeholder sizes (0, 0xFFFFFFFF) mean "unknown", not truncated."""
+    match = _WAV_DATA_SIZE.search(getattr(info, "extra_info", "") or "")
+    if match and int(match[1]) not in (0, 0xFFFFFFFF) and int(match[1]) > int(match[2]):
+        return f"its header declares {match[1]} bytes of samples, the file holds {match[2]}"
+    return None
 
 
 def pad_to_min(wav: np.ndarray) -> np.ndarray:

@@ -22,14 +22,14 @@ Writes to --out-dir:
     predictions.jsonl           one line per sample: id, task, language, prompt, prediction, reference, emotions
     submission_<task>.csv       `testset_id,text`, one row per dialogue (one file per task: ids repeat across tasks)
     scores.json                 the metrics below, the generation settings and the annotation file
-and prints a table of the scores. With a judge (judge.base_url or --judge-url; judge.py) also
+and prints a table of the scores. With a judge (judge.base_url or --judge-url; humdial/judge.py) also
     judge_scores.json           the judge's means per task, language and dimension, the partial challenge score
     judge_cache.jsonl           every judge reply (a rerun asks only for what is missing)
-and with --submission-dir DIR the package the challenge takes (submission.py), checked before it is reported:
+and with --submission-dir DIR the package the challenge takes (humdial/submission.py), checked before it is reported:
     DIR/<lang>/HD-Track1-T<n>.jsonl                         each test dialogue, the reply in its evaluated turn
     DIR/<lang>/HD-Track1-T3/<id>_<turn>_response.wav         Task 3 replies spoken by submission.tts_command
 
-Metrics per (task, language), all in % (metrics.py): `asr*` tasks get WER (English) or CER (Chinese); every other
+Metrics per (task, language), all in % (metrics.py; humdial/scoring.py adds the challenge's): `asr*` tasks get WER (English) or CER (Chinese); every other
 task gets BLEU and ROUGE-L; captioning also CIDEr-D, METEOR, SPICE and SPIDEr (each one that cannot run here is
 listed as unavailable, with the reason); emotion_recognition, speaker_verification and closed-form QA accuracy;
 `emotional_trajectory` also gets emotion_exact and emotion_turn_acc. The same files
@@ -47,14 +47,15 @@ from torch.utils.data import Subset
 
 from config import ConfigError, config_to_dict, load_config
 from dataset_v1 import AnnotationError, AudioError, SalmonnDataset, build_dataset, read_annotation
-from inference import (DEFAULT_CFG_PATHS, add_model_arguments, check_audio_readable, decode_remaining,
-                       generation_settings, inference_dtype, load_inference_config, load_model,
-                       resume_decode, write_decode_outputs)
-from judge import (JudgeError, format_judge_table, judge_predictions, judge_records, judge_settings, load_prompts,
-                   read_predictions)
+from humdial.judge import (JudgeError, format_judge_table, judge_predictions, judge_records, judge_settings,
+                           load_prompts, read_predictions)
+from humdial.scoring import HumDialScorer
+from humdial.submission import (PackageError, check_package_dir_free, check_tts_commands, package_problems,
+                                releases_of_entries, validate_package, write_package)
+from inference import (DEFAULT_CFG_PATHS, add_model_arguments, annotation_ids, check_audio_readable, decode_remaining,
+                       generation_settings, inference_dtype, load_inference_config, load_model, resume_decode,
+                       validate_submission, write_decode_outputs)
 from metrics import format_table, unavailable_scores
-from submission import (PackageError, annotation_ids, check_package_dir_free, check_tts_commands, package_problems,
-                        releases_of_entries, validate_package, validate_submission, write_package)
 from utils import FolderInUse, error_message, file_fingerprint, hold_folder, resolve_device
 
 
@@ -63,6 +64,7 @@ from utils import FolderInUse, error_message, file_fingerprint, hold_folder, res
 NOTA_MODES = {"submission_asr": ("asr", False), "submission_aac": ("aac", False),
               "valid_asr": ("asr", True), "valid_aac": ("aac", True)}
 MODE_TASKS = {"asr": ("asr",), "aac": ("audiocaption", "audiocaption_v2")}
+SCORER = HumDialScorer()  # the generic metrics and the challenge's own
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only check a package against the test JSONL files (--test-jsonl) and exit")
     parser.add_argument("--test-jsonl", nargs="+", default=[], metavar="JSONL",
                         help="with --validate-package: the release's test files, e.g. zh/HD-Track1-T1.jsonl")
-    group = parser.add_argument_group("LLM judge (judge.py; the config's judge: section)")
+    group = parser.add_argument_group("LLM judge (humdial/judge.py; the config's judge: section)")
     group.add_argument("--judge", metavar="PREDICTIONS", default=None,
                        help="only judge an existing predictions.jsonl (with --ann: the annotation it was decoded "
                             "from) and exit; judge_scores.json goes next to it")
@@ -219,9 +221,9 @@ def evaluate(args: argparse.Namespace) -> int:
         model = load_model(cfg, resolve_device(args.device), args.lora_scaling)
         records = decode_remaining(out_dir, model, dataset, done, settings, inference_dtype(cfg, model),
                                    args.batch_size or cfg.run.batch_size_eval,
-                                   cfg.run.num_workers if args.num_workers is None else args.num_workers)
+                                   cfg.run.num_workers if args.num_workers is None else args.num_workers, SCORER)
         scores, counts = write_decode_outputs(records, out_dir, cfg, {"annotation": str(ann_path),
-                                                                          "generate": settings})
+                                                                          "generate": settings}, SCORER)
     for path in sorted(out_dir.glob("submission_*.csv")):
         for problem in validate_submission(path):
             print(f"warning: {problem}", file=sys.stderr)

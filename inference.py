@@ -7,10 +7,13 @@ all go through here, so a decode gives the same records and files whichever scri
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
+import re
 import threading
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -24,11 +27,10 @@ from transformers import TextIteratorStreamer
 
 from config import ConfigError, add_config_arguments, config_to_dict, load_config
 from dataset_v1 import AudioError, audio_paths, audio_seconds, collate, load_feature_extractor, make_batch
-from labels import text_language
-from metrics import aligned_emotions, group_records, score_records
+from metrics import Scorer, group_records, text_language
 from models.salmonn import SALMONN
-from submission import write_submissions
-from utils import autocast, autocast_dtype, code_version, file_fingerprint, resolve_device, seed_everything
+from utils import (JsonlError, atomic_file, autocast, autocast_dtype, code_version, file_fingerprint, read_jsonl,
+                   resolve_device, seed_everything, write_json_atomic)
 
 log = logging.getLogger("salmonn.inference")
 
@@ -202,19 +204,18 @@ def open_assistant(args: argparse.Namespace) -> Assistant:
 
 
 # ---------------------------------------------------------------------------------------------- batched decoding
-def prediction_record(batch: dict[str, Any], index: int, prediction: str) -> dict[str, Any]:
-    """One line of predictions.jsonl: what was asked, what the model answered and what it is scored against.
-    With gold per-turn labels (`emotions`), `emotions_read` holds what the trajectory metric read from the answer
-    for each turn (metrics.aligned_emotions), so a score can be checked line by line."""
-    gold = batch["emotions"][index]
-    return {"id": batch["id"][index], "task": batch["task"][index], "language": batch["language"][index],
-            "prompt": batch["prompt"][index], "prediction": prediction, "reference": batch["text"][index],
-            "emotions": gold, "emotions_read": [list(s) for s in aligned_emotions(prediction, len(gold))]}
+def prediction_record(batch: dict[str, Any], index: int, prediction: str, scorer: Scorer) -> dict[str, Any]:
+    """One line of predictions.jsonl: what was asked, what the model answered and what it is scored against,
+    with what the scorer read from the answer (Scorer.readings), so a score can be checked line by line."""
+    record = {"id": batch["id"][index], "task": batch["task"][index], "language": batch["language"][index],
+              "prompt": batch["prompt"][index], "prediction": prediction, "reference": batch["text"][index],
+              "emotions": batch["emotions"][index]}
+    return {**record, **scorer.readings(record)}
 
 
 @torch.no_grad()
 def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings: dict[str, Any],
-           amp_dtype: torch.dtype | None, full_params: Callable[[], AbstractContextManager] = nullcontext,
+           amp_dtype: torch.dtype | None, scorer: Scorer, full_params: Callable[[], AbstractContextManager] = nullcontext,
            show_progress: bool = True) -> Iterator[dict[str, Any]]:
     """Records (prediction_record) for every sample, in batch order, as each batch is decoded. Batches are
     left-padded and each sample stops at its own end token (SALMONN.generate); `full_params` wraps each generate
@@ -224,7 +225,7 @@ def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings:
         with autocast(amp_dtype, model.device), full_params():
             predictions = model.generate(batch, settings)
         for i, prediction in enumerate(predictions):
-            yield prediction_record(batch, i, prediction)
+            yield prediction_record(batch, i, prediction, scorer)
 
 
 def sample_entries(dataset: Any) -> list[dict[str, Any]]:
@@ -281,13 +282,13 @@ def resume_decode(out_dir: Path, dataset: Any, identity: dict[str, Any]) -> list
 
 def decode_remaining(out_dir: Path, model: SALMONN, dataset: Any, done: list[dict[str, Any]],
                      generate_settings: dict[str, Any], amp_dtype: torch.dtype | None, batch_size: int,
-                     num_workers: int) -> list[dict[str, Any]]:
+                     num_workers: int, scorer: Scorer) -> list[dict[str, Any]]:
     """`done` plus the records of the samples after it, each appended to predictions.partial.jsonl as it comes."""
     remaining = Subset(dataset, range(len(done), len(sample_keys(dataset))))
     loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     records = list(done)
     with open(out_dir / PARTIAL_PREDICTIONS, "a", encoding="utf-8") as f:
-        for record in decode(model, loader, generate_settings, amp_dtype):
+        for record in decode(model, loader, generate_settings, amp_dtype, scorer):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             records.append(record)
@@ -298,24 +299,26 @@ def read_partial_records(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a partial predictions file; a last line cut by a kill is dropped (and rewritten)."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
-    for line in lines[:-1]:  # a complete line ends with a newline
-        records.append(json.loads(line))
-    if lines[-1]:
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    lines = read_jsonl(path)
+    cut = bool(lines) and (isinstance(lines[-1][1], JsonlError) or not path.read_bytes().endswith(b"\n"))
+    records = [value for _, value in (lines[:-1] if cut else lines)]
+    bad = next((value for value in records if isinstance(value, JsonlError)), None)
+    if bad is not None:
+        raise FileExistsError(f"{bad}: a partial decode's line is broken before its end: remove {path} to decode "
+                              "again")
+    if cut:
+        write_predictions(records, path)
     return records
 
 
 def write_predictions(records: list[dict[str, Any]], path: Path) -> None:
-    """predictions.jsonl: one JSON record per line."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """predictions.jsonl: one JSON record per line, written atomically."""
+    with atomic_file(path) as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
-def write_decode_outputs(records: list[dict[str, Any]], out_dir: Path, cfg: DictConfig, info: dict[str, Any]
-                         ) -> tuple[dict[str, float], dict[str, int]]:
+def write_decode_outputs(records: list[dict[str, Any]], out_dir: Path, cfg: DictConfig, info: dict[str, Any],
+                         scorer: Scorer) -> tuple[dict[str, float], dict[str, int]]:
     """What a decode leaves in out_dir: predictions.jsonl (each record with the checkpoint's sha256),
     submission_<task>.csv and scores.json (the scores, per-group sample counts, `info` such as the annotation and
     generation settings, and the provenance: checkpoint, resolved config, code version). Returns (scores, counts)."""
@@ -324,9 +327,94 @@ def write_decode_outputs(records: list[dict[str, Any]], out_dir: Path, cfg: Dict
     checkpoint_sha256 = source["checkpoint"]["sha256"] if source["checkpoint"] else None
     write_predictions([{**r, "checkpoint_sha256": checkpoint_sha256} for r in records], out_dir / "predictions.jsonl")
     write_submissions(records, out_dir)
-    scores = score_records(records)
+    scores = scorer.score(records)
     counts = {f"{task}/{language}": len(group) for (task, language), group in group_records(records).items()}
-    (out_dir / "scores.json").write_text(json.dumps(
-        {**info, "num_samples": len(records), "counts": counts, "scores": scores, **source}, ensure_ascii=False,
-        indent=1), encoding="utf-8")
+    write_json_atomic(out_dir / "scores.json",
+                      {**info, "num_samples": len(records), "counts": counts, "scores": scores, **source})
     return scores, counts
+
+
+# ---------------------------------------------------------------------------------------------- Nota's CSV
+# Nota's audiolm-evaluator takes one `testset_id,text` CSV per task (its submission_validator.py checks the ids).
+SUBMISSION_HEADER = ["testset_id", "text"]
+_NOTA_ID = re.compile(r"test\d{4}")  # the ids of Nota's evaluator sets (its submission_validator.py)
+_NOTA_LIKE_ID = re.compile(r"test\d")
+
+
+def submission_text(prediction: str) -> str:
+    """One line per answer: line breaks inside an answer become spaces."""
+    return " ".join(prediction.split())
+
+
+def write_submissions(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One `testset_id,text` CSV per task (a dialogue id appears once per task)."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_task[record["task"]].append(record)
+    paths = []
+    for task, task_records in sorted(by_task.items()):
+        path = out_dir / f"submission_{task}.csv"
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(SUBMISSION_HEADER)
+            writer.writerows([r["id"], submission_text(r["prediction"])] for r in task_records)
+        paths.append(path)
+    return paths
+
+
+def validate_submission(path: str | Path, expected_ids: set[str] | None = None) -> list[str]:
+    """Problems with a submission CSV (an empty list when it is fine): header, columns, empty or duplicate
+    ids, empty or multi-line answers, and, given the test set's ids, missing or unknown ones."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        return [f"{path}: file not found"]
+    except (UnicodeDecodeError, csv.Error) as e:
+        return [f"{path}: not a readable UTF-8 CSV file: {e}"]
+    if not rows:
+        return [f"{path}: empty file, expected the header {','.join(SUBMISSION_HEADER)}"]
+    problems = []
+    if rows[0] != SUBMISSION_HEADER:
+        problems.append(f"{path}: header is {','.join(rows[0])!r}, expected {','.join(SUBMISSION_HEADER)!r}")
+    seen: set[str] = set()
+    for line, row in enumerate(rows[1:], start=2):
+        where = f"{path}:{line}"
+        if len(row) != len(SUBMISSION_HEADER):
+            problems.append(f"{where}: {len(row)} columns, expected 2 (quote answers that hold commas)")
+            continue
+        testset_id, text = row
+        if not testset_id.strip():
+            problems.append(f"{where}: empty testset_id")
+        elif testset_id in seen:
+            problems.append(f"{where}: duplicate testset_id {testset_id!r}")
+        else:
+            seen.add(testset_id)
+        if not text.strip():
+            problems.append(f"{where}: empty answer for {testset_id!r}")
+        elif "\n" in text or "\r" in text:
+            problems.append(f"{where}: the answer for {testset_id!r} spans several lines")
+    problems += nota_id_problems(path, [row[0] for row in rows[1:] if len(row) == len(SUBMISSION_HEADER)])
+    if expected_ids is not None:
+        missing, unknown = sorted(expected_ids - seen), sorted(seen - expected_ids)
+        if missing:
+            problems.append(f"{path}: {len(missing)} test id(s) have no row, e.g. {', '.join(missing[:5])}")
+        if unknown:
+            problems.append(f"{path}: {len(unknown)} id(s) are not in the test set, e.g. {', '.join(unknown[:5])}")
+    return problems
+
+
+def nota_id_problems(path: Path, ids: list[str]) -> list[str]:
+    """Nota's evaluator takes ids of the form test0000 only: once any id looks like one (`test` and a digit),
+    every id must be exactly that."""
+    if not any(_NOTA_LIKE_ID.match(i) for i in ids):
+        return []
+    bad = [i for i in ids if not _NOTA_ID.fullmatch(i)]
+    return [f"{path}: {len(bad)} testset_id(s) are not in Nota's format testXXXX (four digits, e.g. test0001): "
+            f"{', '.join(map(repr, bad[:5]))}"] if bad else []
+
+
+def annotation_ids(entries: Iterable[Mapping[str, Any]], task: str | None = None) -> set[str]:
+    """The dialogue ids of annotation entries (of one task, when given): what a submission must cover."""
+    return {entry["id"] for entry in entries if task is None or entry["task"] == task}

@@ -1,5 +1,7 @@
-"""Scores for SALMONN answers: WER, CER, BLEU, ROUGE-L, the caption metrics (CIDEr-D, METEOR, SPICE, SPIDEr),
-label accuracy, emotion-trajectory accuracy and language match.
+"""Scores for SALMONN answers, any task: WER, CER, BLEU, ROUGE-L, the caption metrics (CIDEr-D, METEOR, SPICE,
+SPIDEr), label accuracy and language match; the emotion labels and words they read, and which language a text is
+in. The challenge's own metric (the HumDial emotion trajectory) is humdial/trajectory.py, added by
+humdial.scoring.HumDialScorer.
 
 Conventions (the README repeats them):
 - Every score is a percentage in [0, 100] (WER and CER can exceed 100 when the answer has many insertions;
@@ -15,17 +17,13 @@ Conventions (the README repeats them):
 - BLEU is sacrebleu's corpus BLEU (tokenizer `13a` for English, `zh` for Chinese).
 - ROUGE-L is the mean over pairs of the LCS F1 (beta = 1); Chinese is compared character by character,
   English word by word.
-- Emotion trajectory: an answer is read as slots, one per clause that names emotions (`emotion_slots`); slot i
-  goes with gold turn i (`aligned_emotions`), and a turn is right when its label is among its slot's emotions.
-  A final neutral turn (HumDial's closing question) is not scored (`scored_turns`). Negated words name nothing.
-  `python -m scripts.measure_trajectory_metric <task1_3.jsonl>` checks the metric on real release text.
+- Emotion words (EMOTION_WORDS): each label's synonym family in both languages; negated words name nothing.
 - Language match: % of answers written in their dialogue's language (`written_language`); it needs no
   reference, so blind test sets get it too.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import importlib.util
 import re
@@ -40,10 +38,63 @@ import jiwer
 import sacrebleu
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-from labels import CJK_RANGES, EMOTIONS, canonical_emotion, is_chinese, text_language, written_language
-
 _english_normalizer = EnglishTextNormalizer()
 _basic_normalizer = BasicTextNormalizer()
+
+
+# ------------------------------------------------------------------------------------ labels and languages
+# The seven emotion labels (Ekman's six and neutral: HumDial's set, and most emotion corpora's).
+EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
+
+# Other spellings of a label seen in emotion corpora and Chinese releases (convert.py counts each use).
+LABEL_ALIASES = {
+    "happiness": "happy", "joy": "happy", "joyful": "happy", "glad": "happy", "开心": "happy", "高兴": "happy",
+    "sadness": "sad", "unhappy": "sad", "难过": "sad", "悲伤": "sad", "伤心": "sad",
+    "angry": "anger", "mad": "anger", "生气": "anger", "愤怒": "anger",
+    "fearful": "fear", "afraid": "fear", "scared": "fear", "害怕": "fear", "恐惧": "fear",
+    "calm": "neutral", "中性": "neutral", "平静": "neutral",
+    "surprised": "surprise", "surprising": "surprise", "惊讶": "surprise", "吃惊": "surprise",
+    "disgusted": "disgust", "disgusting": "disgust", "厌恶": "disgust", "反感": "disgust",
+}
+
+
+def canonical_emotion(label: str) -> str:
+    """One of EMOTIONS for a label or a known alias ('Angry', '生气', 'anger'); ValueError if unknown."""
+    key = label.strip().lower()
+    if key in EMOTIONS:
+        return key
+    if key in LABEL_ALIASES:
+        return LABEL_ALIASES[key]
+    raise ValueError(f"unknown emotion label {label!r}; expected one of {', '.join(EMOTIONS)} "
+                     "(or an alias such as angry, surprised)")
+
+
+# CJK ideographs: the unified block, extension A and the compatibility block.
+CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+CJK_CHARACTER = re.compile(f"[{CJK_RANGES}]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+
+
+def is_chinese(text: str) -> bool:
+    """True when the text contains CJK ideographs."""
+    return bool(CJK_CHARACTER.search(text))
+
+
+def written_language(text: str) -> str | None:
+    """'zh' when CJK ideographs outnumber Latin words, else 'en'; None for text with neither (empty, symbols).
+
+    A Chinese character is weighed against an English word, not a letter, so "收到offer很开心" stays Chinese
+    and an English answer quoting one Chinese word stays English.
+    """
+    cjk, latin = len(CJK_CHARACTER.findall(text)), len(_LATIN_WORD.findall(text))
+    if cjk == latin == 0:
+        return None
+    return "zh" if cjk > latin else "en"
+
+
+def text_language(text: str) -> str:
+    """The language a text is written in, of the two this repo serves (written_language; English for text with neither)."""
+    return written_language(text) or "en"
 
 
 def normalize(text: str, language: str) -> str:
@@ -53,7 +104,7 @@ def normalize(text: str, language: str) -> str:
     return _basic_normalizer(text).strip()
 
 
-def _check_pairs(references: list[str], hypotheses: list[str]) -> None:
+def check_pairs(references: list[str], hypotheses: list[str]) -> None:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
@@ -62,7 +113,7 @@ def _check_pairs(references: list[str], hypotheses: list[str]) -> None:
 
 def wer(references: list[str], hypotheses: list[str]) -> float:
     """Corpus word error rate (%) of English text after Whisper's English normalisation."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     refs = [normalize(r, "en") for r in references]
     hyps = [normalize(h, "en") for h in hypotheses]
     if not any(r.split() for r in refs):
@@ -72,7 +123,7 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
 
 def cer(references: list[str], hypotheses: list[str]) -> float:
     """Corpus character error rate (%) for Chinese: punctuation and all whitespace removed first."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     refs = [re.sub(r"\s+", "", normalize(r, "zh")) for r in references]
     hyps = [re.sub(r"\s+", "", normalize(h, "zh")) for h in hypotheses]
     if not any(refs):
@@ -82,7 +133,7 @@ def cer(references: list[str], hypotheses: list[str]) -> float:
 
 def bleu(references: list[str], hypotheses: list[str], language: str = "en") -> float:
     """sacrebleu corpus BLEU (0-100), one reference per hypothesis; 'zh' uses sacrebleu's Chinese tokenizer."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     tokenize = "zh" if language == "zh" else "13a"
     return sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score
 
@@ -114,13 +165,13 @@ def rouge_l_pair(reference: list[str], hypothesis: list[str]) -> float:
 
 def rouge_l(references: list[str], hypotheses: list[str], language: str = "en") -> float:
     """Mean ROUGE-L F1 (%) over pairs; character-level for Chinese, word-level for English."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     scores = [rouge_l_pair(rouge_tokens(r, language), rouge_tokens(h, language))
               for r, h in zip(references, hypotheses)]
     return 100.0 * sum(scores) / len(scores)
 
 
-# --------------------------------------------------------------------------------------- emotion trajectory
+# ------------------------------------------------------------------------------------------ emotion words
 # Words that name an emotion, by label, in both languages: each label's synonym family. A word listed under two
 # labels names both (惊喜 is a pleasant surprise: surprise and happy). At one position the longest entry wins, so
 # "不开心" is sad rather than happy; English entries match whole words only, so "sadist" names nothing.
@@ -167,18 +218,6 @@ _NEGATION_BEFORE_RE = re.compile(
     f"|(?:不|没|未|毫无|(?:(?<=[你您请])|(?<![{CJK_RANGES}]))别)(?:再|有|了|太|很|那么|怎么|是|会|用|必|曾|感到|觉得)*$",
     re.IGNORECASE)
 
-# Where the description of one turn ends and the next begins: punctuation (、 included: a list of emotions is
-# read as a list of turns) and the connectives of "from X to Y", "first ..., then ..., finally ..." in both
-# languages. 到 ends a turn unless it completes a verb (感到, 收到, 看到, 想不到 ...); 再 unless it is 不再.
-# "and", 和, 与, 而, 又 join words of one turn ("surprise and excitement", 兴奋好奇, 因惊喜而兴奋, 又惊又喜).
-_TURN_BOUNDARY_RE = re.compile(
-    r"[，,。.！!？?；;：:、…—\n]"
-    r"|(?<![感受收看听见找遇得想识意说提抢回来达碰拿学踩做不])到|(?<!不)再"
-    r"|转为|转向|转变|转到|转而|转成|变成|变为|变得|然后|接着|随后|后来|之后|最后|最终|继而|现在|如今"
-    r"|但是|但|却|不过|可是"
-    r"|\b(?:to|into|then|later|afterwards|finally|eventually|ultimately|in the end|but|until|now|became|turned)\b",
-    re.IGNORECASE)
-
 
 def _word_regex(word: str) -> str:
     """A lexicon entry as a regex: Chinese as is, English as whole words with any spacing."""
@@ -194,7 +233,7 @@ _WORD_EMOTIONS = {word.lower(): tuple(label for label in EMOTIONS if word in EMO
                   for words in EMOTION_WORDS.values() for word in words}
 
 
-def _emotion_mentions(answer: str) -> list[tuple[int, tuple[str, ...]]]:
+def emotion_mentions(answer: str) -> list[tuple[int, tuple[str, ...]]]:
     """(position, labels) of each emotion word the answer asserts, in order; negated words are left out."""
     mentions = []
     for match in _EMOTION_RE.finditer(answer):
@@ -207,80 +246,9 @@ def extract_emotions(answer: str) -> list[str]:
     """The emotions an answer names, in order of appearance, one entry per word (two for a word naming two).
 
     Repeats are kept, never collapsed: "sad at first, still sad, then happy" is [sad, sad, happy]. Negated words
-    ("not happy", "不再生气") name nothing. Which words go with which turn is `emotion_slots`' business.
+    ("not happy", "不再生气") name nothing. Which words go with which turn is humdial.trajectory's business.
     """
-    return [label for _, labels in _emotion_mentions(answer) for label in labels]
-
-
-def emotion_slots(answer: str) -> list[tuple[str, ...]]:
-    """The emotions the answer gives each stage of the trajectory, in order: one slot per clause that names any.
-
-    A clause runs between two turn boundaries (punctuation, or a connective such as 到, 然后, 最后, "to",
-    "then"). Words in one clause describe one turn, so "先是欣喜又好奇，后来震惊而且厌恶" gives two slots,
-    (happy, surprise) and (surprise, disgust); each slot lists its labels in order of mention.
-    """
-    boundaries = [m.start() for m in _TURN_BOUNDARY_RE.finditer(answer)]
-    slots: dict[int, list[str]] = {}
-    for position, labels in _emotion_mentions(answer):
-        slot = slots.setdefault(bisect.bisect_right(boundaries, position), [])
-        slot.extend(label for label in labels if label not in slot)
-    return [tuple(slot) for slot in slots.values()]
-
-
-def aligned_emotions(answer: str, num_turns: int) -> list[tuple[str, ...]]:
-    """Per gold turn, the emotions the answer gives it: the i-th slot of `emotion_slots` goes with turn i.
-
-    Returns `num_turns` tuples of labels (JSON-ready as lists of strings); () for a turn the answer leaves
-    unnamed. Slots beyond `num_turns` are ignored: answers often retell the trajectory a second time.
-    """
-    slots = emotion_slots(answer)[:num_turns]
-    return slots + [()] * (num_turns - len(slots))
-
-
-def scored_turns(gold: list[str]) -> list[str]:
-    """The gold labels a trajectory is scored on: all of them but a final neutral turn after others.
-
-    In HumDial the final turn is the user's question about the conversation, labelled neutral by construction.
-    It is left out because it says nothing about whether the answer followed the dialogue: counted right when
-    named calm, it gives every "..., finally calm" template a free third of the score (a fixed answer then beats
-    45 % on the real release); counted right when unnamed too, it rewards answers that name nothing; and the
-    reference answers themselves treat it loosely (calm, unnamed, or a relieved or positive closing state).
-    """
-    return gold[:-1] if len(gold) > 1 and gold[-1] == "neutral" else gold
-
-
-def turn_hits(gold: list[str], answer: str) -> list[bool]:
-    """Per scored gold turn, in order: whether the answer's slot for it names its label."""
-    expected = scored_turns([canonical_emotion(label) for label in gold])
-    return [label in slot for label, slot in zip(expected, aligned_emotions(answer, len(expected)))]
-
-
-@dataclass(frozen=True)
-class TrajectoryScores:
-    exact_match: float      # % of samples whose every scored turn is right
-    turn_accuracy: float    # % of scored turns that are right (micro-average over turns)
-    num_samples: int
-    num_turns: int          # scored turns: a final neutral question turn is not counted (see scored_turns)
-
-
-def emotion_trajectory_scores(gold: list[list[str]], answers: list[str]) -> TrajectoryScores:
-    """How well each answer describes its gold per-turn emotion trajectory.
-
-    Turn i is right when its gold label is among the emotions of the answer's i-th slot (`aligned_emotions`), so
-    "兴奋好奇" for a surprised turn is right, and an unnamed turn is wrong. The final neutral question turn is not
-    scored (`scored_turns`). Extra slots beyond the gold turns are ignored, by the exact match too.
-    """
-    _check_pairs(gold, answers)
-    exact, correct, turns = 0, 0, 0
-    for labels, answer in zip(gold, answers):
-        hits = turn_hits(labels, answer)
-        exact += all(hits)
-        correct += sum(hits)
-        turns += len(hits)
-    if turns == 0:
-        raise ValueError("no gold emotion labels to score")
-    return TrajectoryScores(exact_match=100.0 * exact / len(gold), turn_accuracy=100.0 * correct / turns,
-                            num_samples=len(gold), num_turns=turns)
+    return [label for _, labels in emotion_mentions(answer) for label in labels]
 
 
 # ------------------------------------------------------------------------------------------------- language
@@ -346,7 +314,7 @@ def caption_scores(references: list[str] | list[list[str]], hypotheses: list[str
     computes them: captions PTB-tokenised (lower case, punctuation dropped), CIDEr-D's n-gram weights from this
     set's references (sigma 6, clipped counts), METEOR 1.5 with English paraphrases. Each caption has one
     reference or a list of them. `metrics`: which to compute (caption_gaps says which can run here)."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     metrics = set(metrics)
     unknown = metrics - set(CAPTION_METRICS)
     if unknown:
@@ -382,7 +350,7 @@ _YES_NO_RE = re.compile(r"\b(yes|yeah|yep|no|nope)\b|(不是|不对|不|否|没�
 
 def first_emotion(text: str) -> tuple[str, ...]:
     """The labels of the first emotion word a text asserts (two for a word that names two), () for none."""
-    mentions = _emotion_mentions(text)
+    mentions = emotion_mentions(text)
     return mentions[0][1] if mentions else ()
 
 
@@ -434,7 +402,7 @@ def accuracy_gap(task: str, references: list[str]) -> str | None:
 def label_accuracy(task: str, references: list[str], hypotheses: list[str], language: str) -> float | None:
     """% of answers that give their reference's label (label_hit); None for QA whose references are not all
     closed-form (open answers get BLEU and ROUGE-L only)."""
-    _check_pairs(references, hypotheses)
+    check_pairs(references, hypotheses)
     if task == "QA" and not all(is_closed_form(r, language) for r in references):
         return None
     hits = [label_hit(task, r, h, language) for r, h in zip(references, hypotheses)]
@@ -442,9 +410,6 @@ def label_accuracy(task: str, references: list[str], hypotheses: list[str], lang
 
 
 # ---------------------------------------------------------------------------------------------- decoded records
-TRAJECTORY_TASKS = ("emotional_trajectory",)
-
-
 def record_language(record: dict[str, Any]) -> str:
     """The record's language, or the language its reference is written in."""
     return record.get("language") or text_language(record["reference"])
@@ -477,29 +442,6 @@ def metric_gaps(task: str, language: str, references: list[str]) -> dict[str, st
     return {**gaps, "accuracy": reason} if reason else gaps
 
 
-def gold_trajectories(task: str, records: list[dict[str, Any]]) -> list[list[str]] | None:
-    """Every record's per-turn gold labels; None when no turn has one (a blind test set), ValueError when only
-    some do (a half-labelled set would be scored on the wrong turns)."""
-    if not any(label for r in records for label in r.get("emotions") or []):
-        return None
-    if not all(r.get("emotions") and all(r["emotions"]) for r in records):
-        raise ValueError(f"task {task}: some records lack gold per-turn emotion labels; label every turn")
-    return [r["emotions"] for r in records]
-
-
-def score_group(task: str, language: str, records: list[dict[str, Any]]) -> dict[str, float]:
-    """The metrics that fit one task in one language. language_match needs no reference, so a blind test set
-    gets it too; the text metrics need references and the trajectory scores need gold per-turn labels."""
-    hyps = [r["prediction"] for r in records]
-    scores = reference_scores(task, language, records)
-    gold = gold_trajectories(task, records) if task in TRAJECTORY_TASKS else None
-    if gold is not None:
-        trajectory = emotion_trajectory_scores(gold, hyps)
-        scores.update(emotion_exact=trajectory.exact_match, emotion_turn_acc=trajectory.turn_accuracy)
-    scores["language_match"] = language_match(hyps, [language] * len(hyps))
-    return scores
-
-
 def group_records(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Records by (task, language), sorted."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -508,16 +450,32 @@ def group_records(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[d
     return dict(sorted(groups.items()))
 
 
-def score_records(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Flat `{task}/{language}/{metric}` -> score (%) of decoded records ({task, prediction, reference,
-    language?, emotions?}); the language is read from the reference when absent."""
-    return {f"{task}/{language}/{name}": value
-            for (task, language), group in group_records(records).items()
-            for name, value in score_group(task, language, group).items()}
+class Scorer:
+    """Scores decoded records ({task, prediction, reference, language?, ...}) per (task, language) group with
+    the generic metrics. A challenge layer subclasses it to add its own tasks' metrics (humdial.scoring); the
+    runner and the decode call only `score` and `readings`, so the engine knows no challenge."""
+
+    def group_scores(self, task: str, language: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        """The metrics that fit one task in one language. language_match needs no reference, so a blind test set
+        gets it too; the text metrics need references."""
+        hyps = [r["prediction"] for r in records]
+        return {**reference_scores(task, language, records),
+                "language_match": language_match(hyps, [language] * len(hyps))}
+
+    def score(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Flat `{task}/{language}/{metric}` -> score (%); the language is read from the reference when absent."""
+        return {f"{task}/{language}/{name}": value
+                for (task, language), group in group_records(records).items()
+                for name, value in self.group_scores(task, language, group).items()}
+
+    def readings(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Fields added to a record's predictions.jsonl line: what a metric read from the answer, so a score can be
+        checked line by line. The generic metrics add none."""
+        return {}
 
 
 def unavailable_scores(records: list[dict[str, Any]]) -> dict[str, str]:
-    """`{task}/{language}/{metric}` -> why, for the metrics that score_records could not compute (caption metrics
+    """`{task}/{language}/{metric}` -> why, for the metrics that Scorer.score could not compute (caption metrics
     on this machine, in this language, for this few captions; accuracy over unlabelled references): reported with
     the reason, never as a number."""
     return {f"{task}/{language}/{name}": reason

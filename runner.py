@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -41,12 +40,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from config import SCHEMA, ConfigError, config_to_dict
 from dataset_v1 import build_dataset, collate
 from inference import decode, write_decode_outputs
-from metrics import score_records
+from metrics import Scorer
 from models.llm import decoder_layer_classes
-from models.salmonn import SALMONN, CheckpointError, read_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint_dict, read_checkpoint, to_original_name
+from models.salmonn import SALMONN
 from utils import (
     DistInfo,
     all_reduce_sum,
+    atomic_file,
     autocast,
     autocast_dtype,
     barrier,
@@ -105,17 +106,12 @@ class CheckpointWriteError(OSError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file named after this process, fsync, then rename: a crash mid-write never leaves
-    a truncated checkpoint, and a failed write (a full disk) leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """torch.save through utils.atomic_file: a crash mid-write never leaves a truncated checkpoint, and a failed
+    write (a full disk) leaves no temporary file and says so."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError ("unexpected pos ...")
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free / 2**20
         raise CheckpointWriteError(f"cannot write {path}: {str(e).strip().splitlines()[-1]} ({free:.0f} MiB free "
                                    "on its disk: is it full?); the checkpoints written before are intact") from e
@@ -303,15 +299,17 @@ def fsdp_wrap(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
 
 def error_rates(records: list[dict[str, Any]]) -> dict[str, float]:
     """WER (CER for Chinese) of the ASR records, `asr/<lang>/<wer|cer>`: the alignment check's scores."""
-    scores = score_records([r for r in records if r["task"].startswith("asr")])
+    scores = Scorer().score([r for r in records if r["task"].startswith("asr")])
     return {k: v for k, v in scores.items() if k.endswith(("/wer", "/cer"))}
 
 
 class Runner:
     """Trains, validates and decodes one SALMONN model with the settings of `cfg.run`."""
 
-    def __init__(self, cfg: DictConfig, model: nn.Module, datasets: dict[str, Dataset], dist_info: DistInfo):
+    def __init__(self, cfg: DictConfig, model: nn.Module, datasets: dict[str, Dataset], dist_info: DistInfo,
+                 scorer: Scorer | None = None):
         self.cfg, self.run_cfg = cfg, cfg.run
+        self.scorer = scorer or Scorer()  # the scripts hand in a challenge's scorer (humdial.scoring.HumDialScorer)
         self.datasets = datasets
         self.dist = dist_info
         self.device = dist_info.device
@@ -335,7 +333,7 @@ class Runner:
         self.resume_path = resolve_resume(self.run_cfg.resume, self.output_dir)
         checkpoint = self.read_training_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:  # weights go in before wrapping: FSDP then shards the resumed weights
-            self.model.load_checkpoint_dict(checkpoint, source=str(self.resume_path))
+            load_checkpoint_dict(self.model, checkpoint, source=str(self.resume_path))
         if self.run_cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.padding_free = self.run_cfg.padding_free  # the training forward packs each micro-batch in one row
@@ -602,7 +600,7 @@ class Runner:
         metrics = {"loss": loss_sum / max(tokens, 1.0), "acc": correct / max(tokens, 1.0)}
         if self.run_cfg.valid_decode_samples:
             records = self.decode("valid", limit=self.run_cfg.valid_decode_samples)
-            metrics.update(broadcast_object(score_records(records) if self.dist.is_main else None))
+            metrics.update(broadcast_object(self.scorer.score(records) if self.dist.is_main else None))
             metrics.update(self.alignment_check(records))
         self.wrapped.train()
         if self.dist.is_main:
@@ -637,7 +635,8 @@ class Runner:
         emotions}] in dataset order on rank 0 (an empty list on the other ranks)."""
         self.model.eval()
         records = list(decode(self.model, self._eval_loader(split, limit), config_to_dict(self.cfg.generate),
-                              self.amp_dtype, full_params=self._full_params, show_progress=self.dist.is_main))
+                              self.amp_dtype, self.scorer, full_params=self._full_params,
+                              show_progress=self.dist.is_main))
         shards = gather_objects(records)
         if not self.dist.is_main:
             return []
@@ -663,7 +662,8 @@ class Runner:
         records = self.decode(split)
         if self.dist.is_main:
             scores, _ = write_decode_outputs(records, out_dir, self.cfg,
-                                             {"annotation": str(ann_path), "generate": config_to_dict(self.cfg.generate)})
+                                             {"annotation": str(ann_path), "generate": config_to_dict(self.cfg.generate)},
+                                             self.scorer)
             log.info("wrote %d predictions to %s; scores: %s", len(records), out_dir,
                      ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "none (no references)")
         barrier()
@@ -676,8 +676,6 @@ class Runner:
         if not self.run_cfg.fsdp:
             return {k: v.cpu() for k, v in self.model.trainable_state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from models.salmonn import to_original_name
 
         full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:

@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from config import ConfigError, add_config_arguments, load_config
 from dataset_v1 import AnnotationError, AudioError
+from humdial.scoring import HumDialScorer
 from inference import check_audio_readable
-from models.salmonn import CheckpointError, check_model_files
+from models.checkpoint import CheckpointError, check_model_files
 from prompting import PromptError
 from runner import (CheckpointWriteError, NonFiniteLossError, Runner, build_datasets, build_model,
                     check_fresh_output_dir, resolve_resume, resume_changes)
@@ -137,7 +138,7 @@ def run(cfg: DictConfig, args: argparse.Namespace, dist_info: DistInfo, resumed:
         check_audio_readable(dataset)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg)
-    runner = Runner(cfg, model, datasets, dist_info)
+    runner = Runner(cfg, model, datasets, dist_info, HumDialScorer())
     try:
         if cfg.run.evaluate:
             runner.evaluate("test")

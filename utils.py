@@ -1,5 +1,6 @@
-"""Logging, seeding and RNG state, the device and autocast policy, and distributed helpers shared by training
-and inference. (The config lives in config.py.)"""
+"""Logging, seeding and RNG state, the device and autocast policy, distributed helpers, and the files every job
+writes and reads the same way (atomic writes, JSONL lines, safe names, folder locks). (The config lives in
+config.py.)"""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
 import socket
 import subprocess
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -242,6 +245,73 @@ def broadcast_object(obj: Any) -> Any:
 
 
 LOCK_NAME = ".lock"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file to write that appears at `path` whole or not at all: written through a temporary file named after
+    this process in the same folder, flushed to disk, then renamed. A crash leaves the old file or the new one,
+    two writers never share a temporary file, and a failed write leaves no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented UTF-8 JSON, atomically (atomic_file); the folder is made if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+class JsonlError(ValueError):
+    """A JSONL line that is not UTF-8 or not JSON; `reason` is its short key (not_utf8, malformed_json)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """("file:line", value) for each non-blank line of a JSONL file. A line that is not UTF-8 or not JSON gives a
+    JsonlError naming it in its place, so each caller decides: report every bad line (convert.py, the package
+    validator), stop at the first (the judge), or drop a last line cut by a kill (a partial decode)."""
+    lines = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            lines.append((where, json.loads(raw.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            lines.append((where, JsonlError("not_utf8", f"{where}: not UTF-8 text (byte {e.start + 1} of the line): "
+                                                        "save the file as UTF-8")))
+        except json.JSONDecodeError as e:
+            lines.append((where, JsonlError("malformed_json", f"{where}: malformed JSON: {e.msg} (column {e.colno})")))
+    return lines
+
+
+def plain_name_problem(value: object) -> str | None:
+    """Why a dialogue id, turn id, language or output name cannot name a file inside a folder (None when it can):
+    they become parts of output paths, so a path separator, `..` or nothing would write outside the folder."""
+    name = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if name is None or name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        return (f"{value!r} is not a plain file name (it becomes part of a file name inside the output folder: no "
+                "'/', '\\', '..', control characters or empty)")
+    return None
 
 
 class FolderInUse(RuntimeError):

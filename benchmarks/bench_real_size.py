@@ -39,7 +39,7 @@ from benchmarks.bench_inference import TokenClock
 from benchmarks.bench_train import cpu_name
 from config import add_config_arguments, load_config
 from dataset_v1 import build_dataset, collate, read_annotation
-from models.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
+from tools.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
 from models.salmonn import SALMONN
 from runner import Runner, build_model
 from utils import init_distributed, seed_everything, setup_logging

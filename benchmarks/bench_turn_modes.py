@@ -21,10 +21,10 @@ How the figures are made:
   [C, N]), the Q-Former (kept windows [K, 17, D]) and the LLM's decoder stack ([rows, L], padding included, or the
   packed row) were given. Clips, windows, speech tokens and BEATs patches depend on the audio only, so they are
   the real model's; the prompt and target tokens are counted with the tiny tokenizer (the real-size folders of
-  models/real_size.py use it too).
+  tools/real_size.py use it too).
 - FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention: 2 per
   multiply-add; norms, softmax and the loss are not counted), part by part at those shapes, on the meta device,
-  with the real-size parts (models/real_size.py, built as tests/test_real_size.py builds them):
+  with the real-size parts (tools/real_size.py, built as tests/test_real_size.py builds them):
   Whisper and BEATs forward only (frozen, nothing below them trains); Q-Former + projection forward and backward
   with weight gradients and input gradients (the layer norms before it train); the LoRA LLM forward and backward
   (input gradients through the frozen weights, LoRA weight gradients; no frozen weight gradients). The whole
@@ -75,7 +75,7 @@ from config import load_config
 from dataset_v1 import SalmonnDataset, build_dataset, collate
 from models.beats import BEATs
 from models.llm import base_llm
-from models.real_size import LLM_FOLDER, LLMS, released_model_config, write_config_folders
+from tools.real_size import LLM_FOLDER, LLMS, released_model_config, write_config_folders
 from models.salmonn import SALMONN
 from runner import Runner, build_datasets, build_model
 from utils import init_distributed, seed_everything

@@ -9,7 +9,7 @@ H100/H200 (~2 minutes of steps and generations per LLM size, plus building).
 
 Per LLM size:
 - build: configs/config.yaml (13B) or configs/finetune_humdial_7b.yaml (7B) with `model.random_init: true` on
-  config-only folders (models/real_size.py: whisper-large-v2, BEATs cpt2, Vicuna), built under
+  config-only folders (tools/real_size.py: whisper-large-v2, BEATs cpt2, Vicuna), built under
   `torch.device("cuda")` so the weights are made on the GPU, in model.torch_dtype;
 - training: `Runner.train_step` (forward, backward, clipping, AdamW) on HumDial-shaped dialogues (5 user turns of
   ~4 s of noise, the demo corpus's prompts and answers), the recipe's batch per GPU, without and then with
@@ -44,13 +44,13 @@ import soundfile as sf
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import memory_plan as mp
+from tools import memory_plan as mp
 from benchmarks.bench_inference import PeakMemory, bench_duration
 from benchmarks.bench_train import peak_flops, synchronize
 from config import load_config
 from dataset_v1 import build_dataset, collate, load_feature_extractor
 from models import WHISPER_CONV_STRIDE
-from models.real_size import write_config_folders
+from tools.real_size import write_config_folders
 from prompting import question_messages
 from runner import Runner, build_model
 from utils import autocast_dtype, init_distributed, seed_everything, setup_logging

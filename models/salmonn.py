@@ -5,7 +5,7 @@ the positions where each `<SpeechHere>` slot's speech tokens go. Module names fo
 (bytedance/SALMONN) so that the released `salmonn_v1.pth` / `salmonn_7b_v0.pth` and checkpoints written by the
 original training code load unchanged: the LLM keeps the original's name `llama_model` whatever its architecture,
 and the only renamed part is the Q-Former, which is transformers' BLIP-2 Q-Former (the same BERT-style block:
-query tokens only, cross-attention in every layer, query feed-forward) under `_QFORMER_NAMES`.
+query tokens only, cross-attention in every layer, query feed-forward) under the names models/checkpoint.py maps.
 
 Deliberate differences from the original (each would otherwise change a clip's output silently):
 - BEATs features of zero-padding are masked, so a clip's output does not depend on what it is batched with.
@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,151 +33,11 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from config import section_defaults
 from models import SAMPLE_RATE, window_frames
 from models.beats import BEATs
+from models.checkpoint import (WHISPER_FOLDER, beats_missing, copy_checked, load_checkpoint, require_dir,
+                               to_original_name)
 from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, llm_folder, load_llm
 
 log = logging.getLogger(__name__)
-
-# Q-Former parameter-name prefixes: (ours, the original's), most specific first; `{n}` is a layer number and
-# `{attn}` attention or crossattention. Every other name is the same in both. Both directions use this table.
-_QFORMER_NAMES = [
-    ("speech_Qformer.layernorm.", "speech_Qformer.bert.embeddings.LayerNorm."),
-    ("speech_Qformer.encoder.layer.{n}.{attn}.attention.", "speech_Qformer.bert.encoder.layer.{n}.{attn}.self."),
-    ("speech_Qformer.encoder.", "speech_Qformer.bert.encoder."),
-]
-# Tensors the original's checkpoints carry but that are not trained state: recomputed or shared, never loaded.
-_LEFTOVER_KEYS = [
-    re.compile(r"^speech_Qformer\.bert\.embeddings\.position_ids$"),
-    re.compile(r"\.rotary_emb\.inv_freq$"),  # fp16-rounded in the released files: RoPE is recomputed in fp32
-    re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),  # alias of layer 0's
-]
-
-
-
-def _prefix_pattern(prefix: str) -> re.Pattern[str]:
-    """A `_QFORMER_NAMES` prefix as a regex with named groups for its `{n}` and `{attn}` fields."""
-    pattern = re.escape(prefix).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{attn\}", r"(?P<attn>attention|crossattention)")
-    return re.compile("^" + pattern)
-
-
-def _rename(name: str, to_original: bool) -> str:
-    """A parameter name in the other naming: the first matching `_QFORMER_NAMES` prefix is swapped."""
-    for ours, original in _QFORMER_NAMES:
-        source, target = (ours, original) if to_original else (original, ours)
-        match = _prefix_pattern(source).match(name)
-        if match:
-            return target.format(**match.groupdict()) + name[match.end():]
-    return name
-
-
-def to_original_name(name: str) -> str:
-    """Our parameter name -> the name the released checkpoints use."""
-    return _rename(name, to_original=True)
-
-
-def from_original_name(name: str) -> str:
-    """A released checkpoint's name -> our parameter name."""
-    return _rename(name, to_original=False)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used with this model: unreadable, or not matching its config. The message
-    names the file and the keys, and what differs."""
-
-
-class CheckpointKeyError(CheckpointError, KeyError):
-    """Tensors missing from a checkpoint, or tensors that match nothing in the model."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file as a dict, loaded safely (`weights_only=True`); a missing, empty, truncated or foreign file
-    is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(_checkpoint_missing(path))
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- unpickling fails with many exception types; re-raised naming the file
-        raise CheckpointError(f"'{path}' is not a readable checkpoint ({size} bytes; truncated, or not written by "
-                              f"torch.save?): {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint (a dict of tensors, or "
-                              "{'model': ...})")
-    return ckpt
-
-
-# Model keys that decide which tensors a checkpoint holds, and their shapes.
-_SHAPE_KEYS = ("llm_path", "whisper_path", "beats_path", "lora", "lora_rank", "lora_target_modules",
-               "num_speech_query_token", "window_level_Qformer", "qformer_hidden_size", "qformer_num_layers",
-               "qformer_num_heads", "qformer_intermediate_size", "freeze_whisper", "freeze_beats",
-               "freeze_speech_QFormer", "freeze_speech_llama_proj")
-
-
-def _stored_model_config(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The `model:` section a checkpoint stores (ours and the runner's store the whole config), or {}."""
-    stored = ckpt.get("config", {})
-    return stored.get("model", stored) if isinstance(stored, Mapping) else {}
-
-
-def _config_differences(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
-    """What the checkpoint's stored model config (when it has one) says differently from this model's."""
-    stored = _stored_model_config(ckpt)
-    if not stored:
-        return (" (the checkpoint stores no config: was it trained with another lora_rank, lora_target_modules, "
-                "Q-Former size, BEATs or LLM size?)")
-    stored = {**stored, "llm_path": stored.get("llm_path") or stored.get("llama_path")}  # older checkpoints
-    differ = [f"model.{k}={stored[k]!r} (this config: {cfg.get(k)!r})" for k in _SHAPE_KEYS
-              if stored.get(k) is not None and _plain(stored[k]) != _plain(cfg.get(k))]
-    if not differ:
-        return " (its stored config agrees on every key that sets shapes)"
-    return "; the checkpoint was trained with " + ", ".join(differ)
-
-
-def _plain(value: Any) -> Any:
-    """Lists and tuples (and OmegaConf lists) compare as lists."""
-    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
-
-
-WHISPER_FOLDER = ("whisper-large-v2 (Hugging Face format)", ("config.json", "preprocessor_config.json"))
-
-
-def _checkpoint_missing(path: str | Path) -> str:
-    return (f"checkpoint not found: '{path}' (download salmonn_v1.pth / salmonn_7b_v0.pth there, run the training "
-            "stage that writes it, or fix model.ckpt)")
-
-
-def _beats_missing(path: str | Path) -> str:
-    return f"BEATs checkpoint not found at '{path}': download BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt there"
-
-
-def check_model_files(cfg: Mapping[str, Any]) -> None:
-    """The folders and files the `model:` section names exist, or FileNotFoundError saying what to download where:
-    a script checks this before it reads any data or weights, so a job on a machine without them stops at once."""
-    cfg = section_defaults("model", cfg)
-    _require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
-    llm_folder(cfg["llm_path"])
-    if cfg["beats_path"] and not Path(cfg["beats_path"]).is_file():
-        raise FileNotFoundError(_beats_missing(cfg["beats_path"]))
-    if cfg["ckpt"] and not Path(cfg["ckpt"]).exists():
-        raise FileNotFoundError(_checkpoint_missing(cfg["ckpt"]))
-
-
-def _require_dir(path: str, what: str, files: tuple[str, ...]) -> Path:
-    """A local model folder, or an error that says what to download where."""
-    p = Path(path)
-    missing = [f for f in files if not (p / f).exists()]
-    if not path or not p.is_dir() or missing:
-        raise FileNotFoundError(
-            f"{what}: expected a local folder at '{path}' containing {', '.join(files)}"
-            + (f" (missing: {', '.join(missing)})" if p.is_dir() else "")
-            + f". Download {what} to '{path}' (or point the config at where it is)."
-        )
-    return p
 
 
 class WhisperEncoderOnly(WhisperEncoder):
@@ -199,7 +57,7 @@ class SALMONN(nn.Module):
             raise ValueError("model.use_speech_Qformer: false is not supported (the original raises too)")
         dtype = getattr(torch, cfg["torch_dtype"])  # float32 | bfloat16 | float16 (config.CHOICES)
 
-        whisper_dir = _require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
+        whisper_dir = require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
         self.speech_encoder = self._load_whisper_encoder(whisper_dir, cfg["random_init"], dtype)
         d_whisper = self.speech_encoder.config.d_model
         self.ln_speech = nn.LayerNorm(d_whisper)
@@ -240,7 +98,7 @@ class SALMONN(nn.Module):
         cfg = dict(cfg)
         model = cls(cfg)
         if cfg.get("ckpt"):
-            model.load_checkpoint(cfg["ckpt"])
+            load_checkpoint(model, cfg["ckpt"])
         if cfg.get("lora_scaling") is not None:
             model.set_lora_scaling(cfg["lora_scaling"])
         return model
@@ -279,7 +137,7 @@ class SALMONN(nn.Module):
                                  "or point beats_path at BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
             return BEATs(json.loads(p.read_text()))
         if not p.is_file():
-            raise FileNotFoundError(_beats_missing(path))
+            raise FileNotFoundError(beats_missing(path))
         return BEATs.from_checkpoint(p)
 
     def _load_projection(self, path: str) -> None:
@@ -288,8 +146,8 @@ class SALMONN(nn.Module):
         proj = {k.removeprefix("speech_llama_proj."): v for k, v in state.items() if k.startswith("speech_llama_proj.")}
         if set(proj) != {"weight", "bias"}:
             raise KeyError(f"{path}: expected speech_llama_proj.weight and .bias, found {sorted(proj)}")
-        self._copy_checked(self.speech_llama_proj.weight, proj["weight"], "speech_llama_proj.weight", path)
-        self._copy_checked(self.speech_llama_proj.bias, proj["bias"], "speech_llama_proj.bias", path)
+        copy_checked(self.speech_llama_proj.weight, proj["weight"], "speech_llama_proj.weight", path)
+        copy_checked(self.speech_llama_proj.bias, proj["bias"], "speech_llama_proj.bias", path)
 
     def _set_trainable(self, cfg: Mapping[str, Any]) -> None:
         """Only the Q-Former, projection, layer norms and LoRA train (unless the config unfreezes more)."""
@@ -340,68 +198,6 @@ class SALMONN(nn.Module):
             raise RuntimeError("this model's LoRA is merged into the LLM weights (model.merge_lora: true): its "
                                "trained LoRA tensors are gone; save or export with model.merge_lora: false")
         return {to_original_name(n): p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                                  fresh_lora: bool = False) -> None:
-        """Strict load: every trained tensor must be present with its shape (the LoRA's excepted with `fresh_lora`:
-        they keep their init); leftovers are listed, then ignored."""
-        params = dict(self.named_parameters())
-        ignored, unexpected = [], []
-        for key, value in state.items():
-            name = from_original_name(key)
-            if name in params:
-                self._copy_checked(params[name], value, key, source)
-            elif any(p.search(key) for p in _LEFTOVER_KEYS):
-                ignored.append(key)
-            else:
-                unexpected.append(key)
-        if unexpected:
-            raise CheckpointKeyError(f"{source}: {len(unexpected)} keys match no tensor of this model, e.g. "
-                                     f"{unexpected[:5]}")
-        missing = [to_original_name(n) for n, p in params.items() if p.requires_grad
-                   and to_original_name(n) not in state and not (fresh_lora and ".lora_" in n)]
-        if missing:
-            raise CheckpointKeyError(f"{source}: {len(missing)} trained tensors are missing, e.g. {missing[:5]}")
-        if ignored:
-            log.info("%s: ignored %d leftover tensors that are recomputed or shared (%s, ...)",
-                     source, len(ignored), ignored[0])
-
-    @staticmethod
-    def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str, source: str) -> None:
-        if tuple(param.shape) != tuple(value.shape):
-            raise CheckpointError(f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
-                                  f"{tuple(param.shape)} in the model")
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-
-    def load_checkpoint(self, path: str | Path) -> dict:
-        """Loads a checkpoint written by the original code or by ours: `{"model": state_dict, ...}`, or a folder
-        written by adapters.export_adapter (peft's LoRA adapter + connector.safetensors)."""
-        if Path(path).is_dir():
-            from adapters import load_adapter  # adapters.py builds on this module
-
-            return load_adapter(self, path)
-        ckpt = read_checkpoint(path)
-        self.load_checkpoint_dict(ckpt, source=str(path))
-        return ckpt
-
-    def load_checkpoint_dict(self, ckpt: Mapping[str, Any], source: str) -> None:
-        """The trained tensors of a loaded checkpoint (strict); a mismatch names the keys and, from the config the
-        checkpoint stores, the model settings that differ. A checkpoint whose stored config says it was trained
-        without LoRA (stage 1: connector only) starts a model with LoRA (stage 2) with the LoRA at its init."""
-        state = ckpt["model"] if "model" in ckpt else ckpt
-        if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-            raise CheckpointError(f"{source}: its 'model' entry is not a mapping of tensor names to tensors")
-        fresh_lora = self.cfg["lora"] and _stored_model_config(ckpt).get("lora") is False and not any(
-            ".lora_" in key for key in state)
-        if fresh_lora:
-            log.info("%s was trained without LoRA (stage 1): its connector is loaded, the LoRA starts at its init",
-                     source)
-        try:
-            self.load_trainable_state_dict(state, source=source, fresh_lora=fresh_lora)
-        except CheckpointError as e:
-            raise type(e)(f"{e}{_config_differences(ckpt, self.cfg)}") from None
-        log.info("loaded %d tensors from %s", len(state), source)
 
     def set_lora_scaling(self, scale: float) -> None:
         """Inference-time LoRA scaling (alpha / r by default); the SALMONN authors lower it to bring back abilities

@@ -35,12 +35,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from metrics import language_match
+from metrics import EMOTIONS, language_match
 from models.llm import IGNORE_INDEX, ChatText
 from prompting import choose_prompt, conversation, load_prompts, prompt_key
 from scripts.learning_experiment import (check_held_out, dialogues, read_predictions, run, run_together, score,
                                          sub_dialogues, turn_samples, write_annotation)
-from labels import EMOTIONS
 from scripts.make_demo_corpus import (HELD_OUT_SENTENCES, PLAIN_AUDIO_FORMAT, SENTENCES, make_speakers, synthesize,
                                       turn_voice)
 

@@ -1,4 +1,4 @@
-"""Export a trained SALMONN as a folder that peft reads (adapters.py): the LoRA adapter for the plain LLM, and
+"""Export a trained SALMONN as a folder that peft reads (models/checkpoint.py): the LoRA adapter for the plain LLM, and
 the speech connector beside it in safetensors. `model.ckpt: DIR` loads it back.
 
     python -m scripts.export_adapter --cfg-path configs/demo.yaml --out outputs/demo/adapter
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adapters import check_new_folder, export_adapter
 from config import ConfigError, add_config_arguments, load_config
-from models.salmonn import SALMONN, CheckpointError
+from models.checkpoint import CheckpointError, check_new_folder, export_adapter
+from models.salmonn import SALMONN
 from utils import error_message
 
 

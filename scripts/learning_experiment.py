@@ -28,8 +28,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from labels import EMOTIONS, LABEL_WORDS, canonical_emotion, trajectory_summary
-from metrics import emotion_trajectory_scores, extract_emotions, language_match, scored_turns, turn_hits
+from humdial.trajectory import emotion_trajectory_scores, scored_turns, turn_hits
+from metrics import EMOTIONS, canonical_emotion, extract_emotions, language_match
+from tools.demo_answers import LABEL_WORDS, trajectory_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

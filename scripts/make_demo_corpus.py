@@ -16,10 +16,10 @@ Design, so that the corpus can test whether a model hears emotion:
 - Task 1 (emotional trajectory): the last turn asks how the user's emotions changed and is neutral, as in the
   release; the target names every statement's emotion in order, in varied natural language as real answers do
   (synonyms, sometimes two words for one turn, "from X to Y", the closing neutral turn called calm or left
-  unnamed: labels.trajectory_summary), which metrics.emotion_trajectory_scores reads.
+  unnamed: tools.demo_answers.trajectory_summary), which humdial.trajectory reads.
 - Task 2 (emotional reasoning): the last turn asks why; the target ties each emotion to what the user said.
   Task 3 (empathy): statements only; the reply at the turn where the challenge evaluates it (the second one that
-  is not neutral: submission.evaluated_turn) is an empathetic one. `--tasks 1` writes Task 1 alone (the listening experiment).
+  is not neutral: humdial.tasks.evaluated_turn) is an empathetic one. `--tasks 1` writes Task 1 alone (the listening experiment).
 - Transcripts carry the release's paralinguistic tags now and then ([laughter], [sigh] / [笑声], [叹息声]); the
   audio speaks the sentence without them.
 - Held-out (test) dialogues use sentences of which some never appear in training dialogues.
@@ -46,9 +46,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from labels import ANSWER_WORDS, EMOTIONS, trajectory_summary
 from models import SAMPLE_RATE
-from submission import EMPATHY_TURN_RANK, evaluated_turn
+from humdial.tasks import TASKS, evaluated_turn
+from metrics import EMOTIONS
+from tools.demo_answers import ANSWER_WORDS, trajectory_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,7 +250,7 @@ def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_ou
     if held_out and not any(s in HELD_OUT_SENTENCES[language] for s in statements):
         statements[rng.randrange(len(statements))] = rng.choice(HELD_OUT_SENTENCES[language])
     emotions = [labels.next() for _ in statements]
-    while TASK_TURNS[task] == "statements" and sum(e != "neutral" for e in emotions) < EMPATHY_TURN_RANK:
+    while TASK_TURNS[task] == "statements" and sum(e != "neutral" for e in emotions) < TASKS["empathy"].answered_non_neutral_turn:
         emotions[emotions.index("neutral")] = labels.next()  # Task 3 needs the turn it is evaluated at
     replies = rng.sample(REPLIES[language], num_turns)  # the evaluated turn's is replaced by the target
     turns = [Turn(text, emotion, reply, rng.choice(AUDIO_FORMATS), statement_tag(emotion, language, rng))
@@ -271,7 +272,7 @@ def statement_tag(emotion: str, language: str, rng: random.Random) -> str:
 def target(task: int, turns: list[Turn], language: str, rng: random.Random, plain_answers: bool = False
            ) -> tuple[int, str]:
     """(index of the evaluated turn, the reply written there): the trajectory (Task 1), the reasons (Task 2), or
-    an empathetic reply at the turn where the challenge evaluates Task 3 (submission.evaluated_turn)."""
+    an empathetic reply at the turn where the challenge evaluates Task 3 (humdial.tasks.evaluated_turn)."""
     emotions = [t.emotion for t in turns]
     if task == 1:
         return len(turns) - 1, trajectory_summary(emotions, language, None if plain_answers else rng)
@@ -362,7 +363,7 @@ def build(out: Path, num_dialogues: int, test_fraction: float, seed: int, worker
     """Plans every dialogue in order with one rng, then synthesizes the turns on `workers` threads (espeak-ng
     runs as a subprocess, so threads overlap): the same arguments give the same corpus for any `workers`.
     `num_dialogues` Task 1 dialogues, and TASK_SHARE of that many for each other task in `tasks`.
-    `plain_answers`: Task 1 answers in the one plain form (labels.trajectory_summary without rng)."""
+    `plain_answers`: Task 1 answers in the one plain form (tools.demo_answers.trajectory_summary without rng)."""
     rng = random.Random(seed)
     shutil.rmtree(out / "audio", ignore_errors=True)  # regenerated in full: no stale files of older runs
     speakers = make_speakers(rng)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 from models.beats import random_beats_checkpoint
-from models.real_size import (BEATS_CPT2, BEATS_FILE, RELEASED_CHECKPOINT, released_model_config,
+from tools.real_size import (BEATS_CPT2, BEATS_FILE, RELEASED_CHECKPOINT, released_model_config,
                               write_config_folders)
 from models.salmonn import SALMONN
 

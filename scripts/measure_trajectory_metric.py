@@ -6,7 +6,7 @@ match (%, `metrics.emotion_trajectory_scores`) of four kinds of answer against t
 
 - reference: each dialogue's own reference answer (a good metric scores it high);
 - fixed:     "你先是X，后来Y，最后平静了下来。" for the best-scoring ordered pair (X, Y) of the plain Chinese
-             label words (`labels.LABEL_WORDS`): an answer that ignores the dialogue (it should score low);
+             label words (`tools.demo_answers.LABEL_WORDS`): an answer that ignores the dialogue (it should score low);
 - other:     each dialogue scored with the next dialogue's reference answer, cyclically (low too);
 - others:    each dialogue scored with every other dialogue's reference answer in turn (all cyclic shifts): the
              same question without depending on the file's order, which can make neighbours' trajectories
@@ -26,8 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from labels import EMOTIONS, LABEL_WORDS
-from metrics import TrajectoryScores, emotion_trajectory_scores
+from humdial.trajectory import TrajectoryScores, emotion_trajectory_scores
+from metrics import EMOTIONS
+from tools.demo_answers import LABEL_WORDS
 
 FIXED_ANSWER = "你先是{}，后来{}，最后平静了下来。"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import memory_plan as mp
+from tools import memory_plan as mp
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,13 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-import adapters
+import models.checkpoint as adapters
 import train
-from adapters import export_adapter, load_adapter
+from models.checkpoint import CheckpointError, CheckpointKeyError, export_adapter, load_adapter
 from config import load_config
 from dataset_v1 import build_dataset, collate
 from inference import load_model
-from models.salmonn import SALMONN, CheckpointError, CheckpointKeyError
+from models.salmonn import SALMONN
 from scripts import export_adapter as export_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,14 +17,14 @@ import soundfile as sf
 import cli_inference
 import convert
 import evaluate
-import judge
+from humdial import judge
 import train
 import web_demo
 from benchmarks import bench_train
 from config import SCHEMA, ConfigError, load_config
 from dataset_v1 import AudioError, audio_seconds, load_audio
 from scripts import export_adapter
-from submission import PackageError, speak, validate_package, write_package
+from humdial.submission import PackageError, speak, validate_package, write_package
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(ROOT / "configs/demo.yaml")

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import metrics
-from metrics import (caption_gaps, caption_machine_gaps, caption_scores, label_accuracy, score_records,
+from metrics import (caption_gaps, caption_machine_gaps, caption_scores, label_accuracy, Scorer,
                      unavailable_scores)
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None or metrics._toolkit() is None,
@@ -94,7 +94,7 @@ def test_captioning_groups_get_cider_d_and_the_rest_is_reported_unavailable(monk
     monkeypatch.setattr(metrics, "caption_machine_gaps", lambda: {"meteor": "m", "spice": "s", "spider": "s"})
     records = caption_records("audiocaption_v2", list(zip(OWN_REFERENCES, OWN_CANDIDATES)))
     records += caption_records("audiocaption", [("a bell rings", "a bell is ringing")])
-    scores = score_records(records)
+    scores = Scorer().score(records)
     assert scores["audiocaption_v2/en/cider_d"] == pytest.approx(100 * 1.255171054006733, abs=1e-6)
     assert {"audiocaption_v2/en/bleu", "audiocaption_v2/en/rouge_l"} <= set(scores)
     assert not any(key.endswith(("meteor", "spice", "spider")) for key in scores)
@@ -145,7 +145,7 @@ def test_qa_accuracy_only_for_closed_form_answers():
 def test_accuracy_joins_the_scores_of_its_tasks():
     records = caption_records("speaker_verification", [("yes", "Yes."), ("no", "Yes.")])
     records += caption_records("QA", [("the man is reading a long list of names aloud", "he reads names")])
-    scores = score_records(records)
+    scores = Scorer().score(records)
     assert scores["speaker_verification/en/accuracy"] == pytest.approx(50.0)
     assert "QA/en/accuracy" not in scores and "QA/en/bleu" in scores
     assert unavailable_scores(records) == {}
@@ -154,7 +154,7 @@ def test_accuracy_joins_the_scores_of_its_tasks():
 def test_unlabelled_references_make_accuracy_unavailable_not_a_crash():
     """A validation during training must not die on one bad label: the group's accuracy is reported missing."""
     records = caption_records("emotion_recognition", [("angry", "angry"), ("xxx", "sad")])
-    scores = score_records(records)
+    scores = Scorer().score(records)
     assert "emotion_recognition/en/accuracy" not in scores and "emotion_recognition/en/bleu" in scores
     assert unavailable_scores(records) == {"emotion_recognition/en/accuracy": "1 of 2 references give no label "
                                            "(e.g. 'xxx' names none of the emotions): label every sample"}

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 import cli_inference
 import evaluate
 import train
-from models.salmonn import SALMONN, CheckpointError, read_checkpoint
+from models.checkpoint import CheckpointError, read_checkpoint
+from models.salmonn import SALMONN
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(REPO / "configs/demo.yaml")

@@ -289,7 +289,8 @@ def test_demo_corpus_converts_and_has_the_promised_shape(tmp_path):
 
 
 def test_demo_user_turns_carry_no_emotion_words_and_targets_read_back():
-    from metrics import emotion_trajectory_scores, extract_emotions
+    from humdial.trajectory import emotion_trajectory_scores
+    from metrics import extract_emotions
     targets = []
     for name in ("HD-Track1-T1-train.jsonl", "HD-Track1-T1-test.jsonl"):
         for line in (DEMO / name).read_text(encoding="utf-8").splitlines():

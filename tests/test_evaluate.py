@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import evaluate
-import metrics
-import submission
+import inference
+from humdial.scoring import HumDialScorer
 from dataset_v1 import build_dataset, collate
 from inference import decode, load_inference_config, load_model
 
@@ -59,8 +59,8 @@ def parity(tmp_path_factory):
 def test_batch_of_four_decodes_like_four_single_decodes(parity):
     cfg, model, dataset = parity
     settings = {"num_beams": 1, "max_new_tokens": 6}
-    batched = list(decode(model, DataLoader(dataset, batch_size=4, collate_fn=collate), settings, None))
-    alone = list(decode(model, DataLoader(dataset, batch_size=1, collate_fn=collate), settings, None))
+    batched = list(decode(model, DataLoader(dataset, batch_size=4, collate_fn=collate), settings, None, HumDialScorer()))
+    alone = list(decode(model, DataLoader(dataset, batch_size=1, collate_fn=collate), settings, None, HumDialScorer()))
     assert [r["id"] for r in batched] == ["clip0", "clip1", "clip2", "clip3"]
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
     assert len({r["prediction"] for r in batched}) > 1, "answers should depend on the input"
@@ -119,11 +119,11 @@ def test_written_submission_is_valid_and_one_line_per_answer(tmp_path):
     records = [{"id": "d1", "task": "empathy", "prediction": "I hear you,\nthat sounds hard."},
                {"id": "d2", "task": "empathy", "prediction": "你好，朋友"},
                {"id": "d1", "task": "emotional_trajectory", "prediction": "sad, then happy"}]
-    paths = submission.write_submissions(records, tmp_path)
+    paths = inference.write_submissions(records, tmp_path)
     assert [p.name for p in paths] == ["submission_emotional_trajectory.csv", "submission_empathy.csv"]
     rows = list(csv.reader((tmp_path / "submission_empathy.csv").open(encoding="utf-8")))
     assert rows == [["testset_id", "text"], ["d1", "I hear you, that sounds hard."], ["d2", "你好，朋友"]]
-    assert submission.validate_submission(tmp_path / "submission_empathy.csv", {"d1", "d2"}) == []
+    assert inference.validate_submission(tmp_path / "submission_empathy.csv", {"d1", "d2"}) == []
 
 
 def test_validator_catches_bad_rows(tmp_path):
@@ -137,7 +137,7 @@ def test_validator_catches_bad_rows(tmp_path):
         ["d4", "two\nlines"],
         ["x9", "unknown id"],
     ])
-    problems = submission.validate_submission(path, expected_ids={"d1", "d2", "d3", "d4", "d5"})
+    problems = inference.validate_submission(path, expected_ids={"d1", "d2", "d3", "d4", "d5"})
     text = "\n".join(problems)
     assert "header is 'id,text'" in text
     assert "bad.csv:3: duplicate testset_id 'd1'" in text
@@ -167,7 +167,7 @@ def test_score_predictions_picks_metrics_per_task_and_language():
          "prediction": "You started sad, then angry.", "emotions": ["sad", "happy"]},
         {"task": "empathy", "reference": "我明白你的感受", "prediction": "我明白你的感受"},  # language from text
     ]
-    scores = metrics.score_records(records)
+    scores = HumDialScorer().score(records)
     assert scores["asr/en/wer"] == pytest.approx(100 / 3)
     assert scores["asr/zh/cer"] == pytest.approx(20.0)
     assert scores["emotional_trajectory/en/emotion_exact"] == 0.0
@@ -178,7 +178,7 @@ def test_score_predictions_picks_metrics_per_task_and_language():
 
 
 def test_blind_test_set_gets_only_the_reference_free_language_match():
-    assert metrics.score_records([{"task": "empathy", "language": "en", "reference": "",
+    assert HumDialScorer().score([{"task": "empathy", "language": "en", "reference": "",
                                    "prediction": "I see."}]) == {"empathy/en/language_match": 100.0}
 
 
@@ -186,7 +186,7 @@ def test_trajectory_with_unlabelled_turns_is_an_error():
     records = [{"task": "emotional_trajectory", "language": "en", "reference": "sad", "prediction": "sad",
                 "emotions": ["sad", ""]}]
     with pytest.raises(ValueError, match="lack gold per-turn emotion labels"):
-        metrics.score_records(records)
+        HumDialScorer().score(records)
 
 
 # ---------------------------------------------------------------------------------------------- nothing lost

@@ -17,7 +17,8 @@ from typing import Callable
 import pytest
 
 import evaluate
-import judge
+from humdial import judge
+from humdial.tasks import TASKS
 from dataset_v1 import read_annotation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def test_prompt_carries_history_with_gold_tags_and_the_sampling_settings(serve, 
                          "My answer ANSWER-1 about this."]
     positions = [prompt.index(text) for text in expected_in_order]
     assert positions == sorted(positions)
-    assert all(d in prompt for d in judge.RUBRICS["emotional_trajectory"].dimensions)
+    assert all(d in prompt for d in TASKS["emotional_trajectory"].judge_dimensions)
 
 
 def test_placeholders_in_the_dialogue_or_answer_are_left_alone():
@@ -264,7 +265,7 @@ def test_prompt_file_missing_a_placeholder_is_named(tmp_path):
     ("", (None, None, None)),
 ])
 def test_parse_scores_maps_onto_one_three_five(reply, expected):
-    dims = judge.RUBRICS["emotional_trajectory"].dimensions
+    dims = TASKS["emotional_trajectory"].judge_dimensions
     assert judge.parse_scores(reply, "emotional_trajectory") == dict(zip(dims, expected))
 
 
@@ -297,7 +298,7 @@ def test_unparsable_replies_score_the_minimum_and_are_counted(serve, tmp_path):
                                                            "Clarity_Logic": 1}
     assert summary["scores"]["empathy/en"] == {"textual_empathy_insight": 4}
     by_id = {j["id"]: j for j in summary["judgments"]}
-    assert by_id["d4"]["unparsable"] == list(judge.RUBRICS["emotional_trajectory"].dimensions)
+    assert by_id["d4"]["unparsable"] == list(TASKS["emotional_trajectory"].judge_dimensions)
     # partial challenge score: en has T1 (0.2) and T3 text (0.1); zh has T2 (0.2); vocal/naturalness human-rated
     en = summary["challenge"]["en"]
     assert en["weight_covered"] == pytest.approx(0.3)

@@ -1,5 +1,6 @@
 """The pieces of the listening experiment (scripts/learning_experiment.py), without running it."""
 from __future__ import annotations
+from humdial import trajectory
 
 import json
 import sys
@@ -11,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset_v1 import build_dataset, collate, log_mel
-from metrics import emotion_trajectory_scores, extract_emotions
+from humdial.trajectory import emotion_trajectory_scores
+from metrics import extract_emotions
 
 from scripts import learning_experiment as exp
 
@@ -60,7 +62,7 @@ def test_scores_cover_exactly_the_held_out_dialogues(tmp_path):
             {"id": "t2", "prediction": "You started angry, then calm."}]
     predictions.write_text("\n".join(json.dumps(r) for r in rows))
     scores = exp.score(predictions, test)
-    # t1: 2/2; t2: angry right, calm != fear (its final neutral question turn is not scored: metrics.scored_turns)
+    # t1: 2/2; t2: angry right, calm != fear (its final neutral question turn is not scored: trajectory.scored_turns)
     assert scores["turn_accuracy"] == pytest.approx(100 * 3 / 4)
     assert scores["exact_match"] == pytest.approx(50.0)
     assert scores["language_match"] == pytest.approx(100.0)  # both answers are English, as their dialogues

@@ -19,11 +19,11 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
-import memory_plan as mp
+from tools import memory_plan as mp
 from config import MODEL_DEFAULTS
 from dataset_v1 import load_feature_extractor, make_batch, packed_clips, packed_layout, per_turn_clips
 from models import SAMPLE_RATE
-from models.real_size import (BEATS_CPT2, WHISPER_FEATURES, WHISPER_LARGE_V2, released_model_config,
+from tools.real_size import (BEATS_CPT2, WHISPER_FEATURES, WHISPER_LARGE_V2, released_model_config,
                               write_config_folders)
 from models.salmonn import SALMONN
 from scripts import memory_plan as cli

@@ -6,7 +6,9 @@ import pytest
 import sacrebleu
 
 import metrics
-from labels import LABEL_WORDS
+from humdial import trajectory
+from humdial.scoring import HumDialScorer
+from tools.demo_answers import LABEL_WORDS
 
 
 def test_wer_one_substitution_in_three_words():
@@ -138,50 +140,50 @@ def test_words_ending_in_a_negator_character_do_not_negate():
 
 
 def test_words_of_one_clause_share_a_turn_slot():
-    assert metrics.emotion_slots("你先是紧张不安，后来又惊讶又欢喜，最后平静下来。") \
+    assert trajectory.emotion_slots("你先是紧张不安，后来又惊讶又欢喜，最后平静下来。") \
         == [("fear",), ("surprise", "happy"), ("neutral",)]
-    assert metrics.emotion_slots("You moved from rage and frustration over the delay to relief and joy.") \
+    assert trajectory.emotion_slots("You moved from rage and frustration over the delay to relief and joy.") \
         == [("anger",), ("happy",)]
 
 
 def test_from_x_to_y_to_z_gives_one_slot_per_stage():
-    assert metrics.emotion_slots("从沮丧到惊讶再到欣喜") == [("sad",), ("surprise",), ("happy",)]
-    assert metrics.emotion_slots("You went from dread to astonishment to delight.") \
+    assert trajectory.emotion_slots("从沮丧到惊讶再到欣喜") == [("sad",), ("surprise",), ("happy",)]
+    assert trajectory.emotion_slots("You went from dread to astonishment to delight.") \
         == [("fear",), ("surprise",), ("happy",)]
-    assert metrics.emotion_slots("愤怒、惊讶、平静") == [("anger",), ("surprise",), ("neutral",)]  # a list of stages
+    assert trajectory.emotion_slots("愤怒、惊讶、平静") == [("anger",), ("surprise",), ("neutral",)]  # a list of stages
 
 
 def test_verbs_ending_in_dao_do_not_split_a_turn():
-    assert metrics.emotion_slots("闻到那股味道感到厌恶和反胃，收到好消息后就开心了") == [("disgust",), ("happy",)]
+    assert trajectory.emotion_slots("闻到那股味道感到厌恶和反胃，收到好消息后就开心了") == [("disgust",), ("happy",)]
 
 
 def test_aligned_emotions_gives_one_tuple_per_turn_and_ignores_retelling():
     answer = "起初你很恐惧，接着转为惊喜。总之是从恐惧到惊喜。"
-    assert metrics.aligned_emotions(answer, 3) == [("fear",), ("happy", "surprise"), ("fear",)]
-    assert metrics.aligned_emotions(answer, 2) == [("fear",), ("happy", "surprise")]
-    assert metrics.aligned_emotions("I can't tell.", 2) == [(), ()]
+    assert trajectory.aligned_emotions(answer, 3) == [("fear",), ("happy", "surprise"), ("fear",)]
+    assert trajectory.aligned_emotions(answer, 2) == [("fear",), ("happy", "surprise")]
+    assert trajectory.aligned_emotions("I can't tell.", 2) == [(), ()]
 
 
 def test_a_turn_is_right_when_its_label_is_in_its_slot():
     gold = [["surprise", "disgust", "neutral"], ["happy", "fear", "neutral"]]
     answers = ["一开始好奇又兴奋，后来震惊而且反感。", "You were thrilled, then nervous and a bit surprised."]
-    scores = metrics.emotion_trajectory_scores(gold, answers)
+    scores = trajectory.emotion_trajectory_scores(gold, answers)
     assert (scores.turn_accuracy, scores.exact_match) == (100.0, 100.0)
 
 
 def test_final_neutral_question_turn_is_not_scored():
     gold = [["sad", "anger", "neutral"]]
     for answer in ("你从难过变得愤怒。", "你从难过变得愤怒，最后平静。", "你从难过变得愤怒，最后释然。"):
-        scores = metrics.emotion_trajectory_scores(gold, [answer])
+        scores = trajectory.emotion_trajectory_scores(gold, [answer])
         assert (scores.turn_accuracy, scores.exact_match, scores.num_turns) == (100.0, 100.0, 2)
-    assert metrics.emotion_trajectory_scores(gold, ["你一直很平静。"]).turn_accuracy == 0.0
-    assert metrics.scored_turns(["sad", "anger", "neutral"]) == ["sad", "anger"]
+    assert trajectory.emotion_trajectory_scores(gold, ["你一直很平静。"]).turn_accuracy == 0.0
+    assert trajectory.scored_turns(["sad", "anger", "neutral"]) == ["sad", "anger"]
 
 
 def test_a_final_turn_with_another_label_and_a_lone_neutral_turn_are_scored():
-    assert metrics.scored_turns(["happy", "neutral", "sad"]) == ["happy", "neutral", "sad"]
-    assert metrics.scored_turns(["neutral"]) == ["neutral"]
-    scores = metrics.emotion_trajectory_scores([["happy", "sad"], ["neutral"]], ["First glad.", "Calm."])
+    assert trajectory.scored_turns(["happy", "neutral", "sad"]) == ["happy", "neutral", "sad"]
+    assert trajectory.scored_turns(["neutral"]) == ["neutral"]
+    scores = trajectory.emotion_trajectory_scores([["happy", "sad"], ["neutral"]], ["First glad.", "Calm."])
     assert (scores.turn_accuracy, scores.num_turns) == (pytest.approx(200 / 3), 3)
 
 
@@ -189,12 +191,12 @@ def test_a_fixed_answer_scores_low_against_varied_gold():
     moods = ["happy", "sad", "anger", "fear", "surprise", "disgust"]
     gold = [[a, b, "neutral"] for a, b in itertools.permutations(moods, 2)]
     words = LABEL_WORDS["zh"]
-    best = max(metrics.emotion_trajectory_scores(gold, [f"你先是{words[x]}，后来{words[y]}，最后平静了下来。"] *
+    best = max(trajectory.emotion_trajectory_scores(gold, [f"你先是{words[x]}，后来{words[y]}，最后平静了下来。"] *
                                                  len(gold)).turn_accuracy
                for x, y in itertools.product(words, repeat=2))
     assert best == pytest.approx(100 / 6)  # each stage right on 5 of 30 dialogues
     right = [f"你先是{words[a]}，后来{words[b]}，最后平静了下来。" for a, b, _ in gold]
-    assert metrics.emotion_trajectory_scores(gold, right).exact_match == 100.0
+    assert trajectory.emotion_trajectory_scores(gold, right).exact_match == 100.0
 
 
 def test_trajectory_exact_match_and_per_turn_accuracy():
@@ -204,7 +206,7 @@ def test_trajectory_exact_match_and_per_turn_accuracy():
         "The user was angry.",                     # 1/2 turns: the second turn is unnamed
         "calm, then happy",                        # 1/1 turns: slots beyond the gold turns are ignored
     ]
-    scores = metrics.emotion_trajectory_scores(gold, answers)
+    scores = trajectory.emotion_trajectory_scores(gold, answers)
     assert scores.exact_match == pytest.approx(200 / 3)
     assert scores.turn_accuracy == pytest.approx(100 * 5 / 6)
     assert (scores.num_samples, scores.num_turns) == (3, 6)
@@ -213,10 +215,10 @@ def test_trajectory_exact_match_and_per_turn_accuracy():
 def test_trajectory_reads_one_turn_per_clause():
     # "stayed sad" is one clause, so it names one turn; the answer must name each turn, "still sad" included
     gold = [["sad", "sad", "happy"]]
-    scores = metrics.emotion_trajectory_scores(gold, ["They stayed sad, then got happy."])
+    scores = trajectory.emotion_trajectory_scores(gold, ["They stayed sad, then got happy."])
     assert scores.exact_match == 0.0
     assert scores.turn_accuracy == pytest.approx(100 / 3)
-    assert metrics.emotion_trajectory_scores(gold, ["Sad, still sad, then happy."]).exact_match == 100.0
+    assert trajectory.emotion_trajectory_scores(gold, ["Sad, still sad, then happy."]).exact_match == 100.0
 
 
 def test_written_language_weighs_characters_against_words():
@@ -237,16 +239,16 @@ def test_language_match():
 def test_score_group_on_a_blind_set_still_gives_language_match():
     records = [{"reference": "", "prediction": "你从难过变得开心。", "emotions": ["", "", ""]},
                {"reference": "", "prediction": "You went from sad to happy.", "emotions": ["", "", ""]}]
-    assert metrics.score_group("emotional_trajectory", "zh", records) == {"language_match": 50.0}
-    assert metrics.score_group("asr", "en", [{"reference": "", "prediction": "hello there"}]) \
+    assert HumDialScorer().group_scores("emotional_trajectory", "zh", records) == {"language_match": 50.0}
+    assert HumDialScorer().group_scores("asr", "en", [{"reference": "", "prediction": "hello there"}]) \
         == {"language_match": 100.0}
 
 
 def test_score_group_with_references_and_labels():
     records = [{"reference": "你从难过变得开心。", "prediction": "你从难过变得开心。",
                 "emotions": ["sad", "happy", "neutral"]}]
-    scores = metrics.score_group("emotional_trajectory", "zh", records)
+    scores = HumDialScorer().group_scores("emotional_trajectory", "zh", records)
     assert scores == {"bleu": pytest.approx(100.0), "rouge_l": pytest.approx(100.0), "emotion_exact": 100.0,
                       "emotion_turn_acc": 100.0, "language_match": 100.0}
     with pytest.raises(ValueError, match="lack gold per-turn emotion labels"):
-        metrics.score_group("emotional_trajectory", "zh", [dict(records[0], emotions=["sad", "", "neutral"])])
+        HumDialScorer().group_scores("emotional_trajectory", "zh", [dict(records[0], emotions=["sad", "", "neutral"])])

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import prompt_tokens
+from models.checkpoint import load_checkpoint
 from models.salmonn import SALMONN
 from models.tokenizer import SalmonnTokenizer
 
@@ -109,7 +110,7 @@ def test_training_step_updates_only_qformer_projection_norms_and_lora():
     out = m(batch)
     assert torch.isfinite(out["loss"]) and int(out["num_tokens"]) > 0
     out["loss"].backward()
-    from models.salmonn import to_original_name
+    from models.checkpoint import to_original_name
 
     with_grad = {to_original_name(n) for n, p in m.named_parameters() if p.grad is not None}
     trainable = {to_original_name(n) for n, p in m.named_parameters() if p.requires_grad}
@@ -152,7 +153,7 @@ def test_checkpoint_round_trip_in_original_key_format(tmp_path, model):
 
     other = build(seed=0)  # same frozen base weights (the tiny saved ones stand in for the released files)
     randomize_trainable(other, 99)
-    other.load_checkpoint(path)
+    load_checkpoint(other, path)
     other.eval()
     batch = {**clips(2.0), **prompt_tokens(model.text, [PROMPT], ["calm"])}
     with torch.no_grad():
@@ -170,22 +171,22 @@ def test_wrong_checkpoints_fail_with_the_key_and_shapes(tmp_path, model):
     del missing[key]
     torch.save({"model": missing}, tmp_path / "missing.pth")
     with pytest.raises(KeyError, match=re.escape(key)):
-        build().load_checkpoint(tmp_path / "missing.pth")
+        load_checkpoint(build(), tmp_path / "missing.pth")
 
     wrong = dict(state)
     wrong[key] = torch.zeros(4096, 64)
     torch.save({"model": wrong}, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match=r"speech_llama_proj\.weight.*\(4096, 64\).*\(128, 64\)"):
-        build().load_checkpoint(tmp_path / "shape.pth")
+        load_checkpoint(build(), tmp_path / "shape.pth")
 
     extra = dict(state)
     extra["speech_Qformer.bert.encoder.layer.9.crossattention.self.query.weight"] = torch.zeros(1)
     torch.save({"model": extra}, tmp_path / "extra.pth")
     with pytest.raises(KeyError, match="layer.9"):
-        build().load_checkpoint(tmp_path / "extra.pth")
+        load_checkpoint(build(), tmp_path / "extra.pth")
 
     with pytest.raises(FileNotFoundError, match="salmonn_v1.pth"):
-        build().load_checkpoint(tmp_path / "absent.pth")
+        load_checkpoint(build(), tmp_path / "absent.pth")
 
 
 def test_real_paths_without_weights_say_what_to_download(tmp_path):

@@ -15,7 +15,7 @@ import soundfile as sf
 import evaluate
 import metrics
 from dataset_v1 import AnnotationError, build_dataset, read_annotation
-from submission import validate_submission
+from inference import validate_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -15,8 +15,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMod
 
 import train
 from dataset_v1 import build_dataset, collate
-from models.real_size import QWEN, VICUNA, released_model_config, write_config_folders
-from models.salmonn import SALMONN, CheckpointError, to_original_name
+from tools.real_size import QWEN, VICUNA, released_model_config, write_config_folders
+from models.checkpoint import CheckpointError, load_trainable_state_dict, to_original_name
+from models.salmonn import SALMONN
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_KEYS = ROOT / "tests/parity/checkpoint_keys.json"  # written by the ORIGINAL code (tests/parity/README.md)
@@ -254,7 +255,7 @@ def test_13b_checkpoint_into_the_7b_model_names_the_key_and_both_shapes(meta_mod
     state_13b = meta_models["13b"].trainable_state_dict()
     shapes_7b = {k: tuple(v.shape) for k, v in meta_models["7b"].trainable_state_dict().items()}
     with pytest.raises(CheckpointError, match="has shape") as error:
-        meta_models["7b"].load_trainable_state_dict(state_13b, source="salmonn_v1.pth")
+        load_trainable_state_dict(meta_models["7b"], state_13b, source="salmonn_v1.pth")
     found = re.search(r"salmonn_v1\.pth: '(\S+)' has shape \(([\d, ]+)\) in the checkpoint but \(([\d, ]+)\) in the "
                       r"model", str(error.value))
     assert found, str(error.value)
@@ -313,7 +314,7 @@ def test_the_real_size_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     """benchmarks.bench_real_size on the tiny default laid out under the real names: every phase measured,
     the JSON written, and a second run into the same folder refused."""
     from benchmarks import bench_real_size
-    from models.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
+    from tools.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
 
     assets = tmp_path / "assets"
     assets.mkdir()

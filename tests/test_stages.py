@@ -14,7 +14,8 @@ from test_runner import corpus_options, load, make_corpus, run_train
 import runner
 import train
 from config import load_config
-from models.salmonn import SALMONN, CheckpointKeyError, from_original_name
+from models.checkpoint import CheckpointKeyError, from_original_name
+from models.salmonn import SALMONN
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = ["stage1_qwen2.5_7b", "stage2_qwen2.5_7b", "finetune_humdial_qwen2.5_7b", "stage1_vicuna13b",

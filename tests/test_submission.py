@@ -13,8 +13,9 @@ import pytest
 import soundfile as sf
 
 import evaluate
-import submission
-from submission import PackageError, evaluated_turn, speak, task_from_name, validate_package
+from humdial import submission
+from humdial.submission import PackageError, speak, validate_package
+from humdial.tasks import evaluated_turn, task_from_name
 
 REPO = Path(__file__).resolve().parent.parent
 # A TTS stand-in: writes a short tone to {out} and the text it was given next to it, to see what arrived.

@@ -3,7 +3,7 @@ OpenAI-compatible chat-completions endpoint (the challenge serves Qwen3-Omni-30B
 
 The judge sees the conversation with the gold emotion tag of every user turn, the earlier assistant replies, the
 final user turn and the answer under evaluation (prompts/judge_prompts.json), and scores each dimension of the task
-(RUBRICS). Replies are parsed leniently (JSON, JSON in prose or code fences, `Name: 5` lines) and mapped onto the
+(the task table's judge columns, humdial.tasks). Replies are parsed leniently (JSON, JSON in prose or code fences, `Name: 5` lines) and mapped onto the
 official scale; a dimension that cannot be read scores the minimum and is counted, never dropped. Every reply is
 appended to a JSONL cache as it arrives, so an interrupted run resumes without asking again.
 
@@ -29,28 +29,13 @@ from tqdm import tqdm
 
 from config import section_defaults
 from dataset_v1 import read_annotation
+from humdial.tasks import HUMAN_RATED, LANGUAGES, TASKS
+from utils import JsonlError, read_jsonl, write_json_atomic
 
 
 class JudgeError(ValueError):
     """Judging cannot go on: a bad input file or prompt file, or a judge that keeps failing."""
 
-
-@dataclass(frozen=True)
-class Rubric:
-    dimensions: tuple[str, ...]
-    scale: tuple[int, ...]  # the scores the challenge allows; a reply's number is mapped to the nearest
-
-
-RUBRICS: dict[str, Rubric] = {
-    "emotional_trajectory": Rubric(("Accuracy_Completeness", "Depth_Granularity", "Added_Value"), (1, 3, 5)),
-    "emotional_reasoning": Rubric(("Information_Integration", "Insight_RootCause", "Clarity_Logic"), (1, 3, 5)),
-    "empathy": Rubric(("textual_empathy_insight",), (1, 2, 3, 4, 5)),
-}
-
-# The challenge's ranking per language: weight of each part (a task's score is the mean of its dimensions).
-CHALLENGE_WEIGHTS: dict[str, float] = {"emotional_trajectory": 0.2, "emotional_reasoning": 0.2, "empathy": 0.1}
-HUMAN_RATED: dict[str, float] = {"empathy/vocal_empathy_congruence": 0.25, "empathy/audio_quality_naturalness": 0.25}
-CHALLENGE_LANGUAGES = ("zh", "en")
 
 PLACEHOLDERS = ("{dialogue}", "{final_turn}", "{answer}")
 PLACEHOLDER = re.compile(r"\{(dialogue|final_turn|answer)\}")
@@ -69,14 +54,14 @@ def load_prompts(path: str | os.PathLike) -> dict[str, str]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise JudgeError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from e
-    expected = {"system", *RUBRICS}
+    expected = {"system", *TASKS}
     if not isinstance(raw, dict) or set(raw) != expected:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise JudgeError(f"{path}: expected the keys {', '.join(sorted(expected))}, got {got}")
     prompts = {key: "\n".join(value) if isinstance(value, list) else value for key, value in raw.items()}
-    for task, rubric in RUBRICS.items():
+    for task, rubric in TASKS.items():
         missing = [p for p in PLACEHOLDERS if p not in prompts[task]]
-        missing += [d for d in rubric.dimensions if d not in prompts[task]]
+        missing += [d for d in rubric.judge_dimensions if d not in prompts[task]]
         if missing:
             raise JudgeError(f"{path}: the `{task}` template lacks {', '.join(missing)}")
     return prompts
@@ -120,17 +105,17 @@ def parse_scores(reply: str, task: str) -> dict[str, int | None]:
 
     The last JSON object that names a dimension wins (also inside code fences or prose, or nested under a key
     such as "scores"); dimensions it lacks are looked for in `Name: 5` lines (last one wins)."""
-    rubric = RUBRICS[task]
+    rubric = TASKS[task]
     text = THINKING.sub("", reply or "")
     found: dict[str, float] = {}
     for obj in json_objects(text):
-        values = {d: v for d in rubric.dimensions if (v := dimension_value(obj, d)) is not None}
+        values = {d: v for d in rubric.judge_dimensions if (v := dimension_value(obj, d)) is not None}
         if values:
             found = values
-    for dimension in rubric.dimensions:
+    for dimension in rubric.judge_dimensions:
         if dimension not in found and (value := line_value(text, dimension)) is not None:
             found[dimension] = value
-    return {d: to_scale(found[d], rubric.scale) if d in found else None for d in rubric.dimensions}
+    return {d: to_scale(found[d], rubric.judge_scale) if d in found else None for d in rubric.judge_dimensions}
 
 
 def json_objects(text: str) -> list[dict[str, Any]]:
@@ -314,7 +299,7 @@ def judge_items(records: list[dict[str, Any]], entries: list[dict[str, Any]], pr
     items, skipped = [], {}
     for record in records:
         task = record["task"]
-        if task not in RUBRICS:
+        if task not in TASKS:
             skipped[task] = skipped.get(task, 0) + 1
             continue
         entry = by_key.get((str(record["id"]), task))
@@ -373,10 +358,10 @@ def judgments(items: list[Item], cached: list[dict[str, Any]]) -> list[dict[str,
     the reply did not give."""
     out = []
     for item, entry in zip(items, cached):
-        rubric = RUBRICS[item.record["task"]]
+        rubric = TASKS[item.record["task"]]
         parsed = parse_scores(entry["reply"], item.record["task"])
         out.append({"id": item.record["id"], "task": item.record["task"], "language": item.record["language"],
-                    "scores": {d: rubric.scale[0] if v is None else v for d, v in parsed.items()},
+                    "scores": {d: rubric.judge_scale[0] if v is None else v for d, v in parsed.items()},
                     "unparsable": [d for d, v in parsed.items() if v is None], "key": item.key})
     return out
 
@@ -390,7 +375,7 @@ def summarize(judged: list[dict[str, Any]]) -> dict[str, Any]:
         groups.setdefault(f"{j['task']}/{j['language']}", []).append(j)
     scores, unparsable = {}, {}
     for group, members in sorted(groups.items()):
-        dims = RUBRICS[members[0]["task"]].dimensions
+        dims = TASKS[members[0]["task"]].judge_dimensions
         scores[group] = {d: sum(m["scores"][d] for m in members) / len(members) for d in dims}
         unparsable[group] = {d: sum(d in m["unparsable"] for m in members) for d in dims}
     return {"counts": {g: len(m) for g, m in sorted(groups.items())}, "scores": scores, "unparsable": unparsable,
@@ -404,7 +389,7 @@ def challenge_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, Any
     out: dict[str, Any] = {}
     for language in sorted({group.split("/")[1] for group in scores}):
         parts = []
-        for task, weight in CHALLENGE_WEIGHTS.items():
+        for task, weight in ((name, task.weight) for name, task in TASKS.items()):
             dims = scores.get(f"{task}/{language}")
             parts.append({"part": task, "weight": weight,
                           "score": sum(dims.values()) / len(dims) if dims else None,
@@ -420,15 +405,15 @@ def challenge_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, Any
 
 def languages_mean(per_language: Mapping[str, Any]) -> dict[str, Any]:
     """The challenge's average over zh and en, or why there is none."""
-    missing = [lang for lang in CHALLENGE_LANGUAGES if lang not in per_language]
+    missing = [lang for lang in LANGUAGES if lang not in per_language]
     if missing:
         return {"weighted_sum": None, "why": f"no judged predictions in {', '.join(missing)}"}
     covered = {lang: [p["part"] for p in per_language[lang]["parts"] if p["score"] is not None]
-               for lang in CHALLENGE_LANGUAGES}
+               for lang in LANGUAGES}
     if len({tuple(parts) for parts in covered.values()}) > 1:
         return {"weighted_sum": None, "why": f"the languages cover different parts: {covered}"}
-    return {"weighted_sum": sum(per_language[lang]["weighted_sum"] for lang in CHALLENGE_LANGUAGES) / 2,
-            "weight_covered": per_language[CHALLENGE_LANGUAGES[0]]["weight_covered"]}
+    return {"weighted_sum": sum(per_language[lang]["weighted_sum"] for lang in LANGUAGES) / 2,
+            "weight_covered": per_language[LANGUAGES[0]]["weight_covered"]}
 
 
 def format_judge_table(summary: Mapping[str, Any]) -> str:
@@ -461,20 +446,16 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise JudgeError(f"predictions file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JudgeError(f"{path}:{number}: malformed JSON: {e.msg}") from e
+    for where, record in read_jsonl(path):
+        if isinstance(record, JsonlError):
+            raise JudgeError(str(record))
         if not isinstance(record, dict):
-            raise JudgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            raise JudgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
         missing = [k for k in ("id", "task", "language", "prediction") if k not in record]
         if missing:
-            raise JudgeError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
+            raise JudgeError(f"{where}: missing key(s) {', '.join(missing)}")
         if not isinstance(record["prediction"], str):
-            raise JudgeError(f"{path}:{number}: `prediction` must be a string, got {record['prediction']!r}")
+            raise JudgeError(f"{where}: `prediction` must be a string, got {record['prediction']!r}")
         records.append(record)
     return records
 
@@ -486,9 +467,9 @@ def judge_records(records: list[dict[str, Any]], ann_path: str | os.PathLike, ju
     cfg = judge_settings(judge_cfg)
     out_dir = Path(out_dir)
     prompts = load_prompts(cfg["prompt_path"])
-    items, skipped = judge_items(records, read_annotation(ann_path), prompts, cfg["model"], ann_path)
+    items, skipped = judge_items(records, read_annotation(ann_path, check_audio=False), prompts, cfg["model"], ann_path)
     if not items:
-        raise JudgeError(f"nothing to judge: no record of the tasks {', '.join(RUBRICS)} "
+        raise JudgeError(f"nothing to judge: no record of the tasks {', '.join(TASKS)} "
                          f"(tasks seen: {', '.join(sorted(skipped)) or 'none'})")
     cache = JudgmentCache(cfg["cache_path"] or out_dir / DEFAULT_CACHE_NAME)
     reused = sum(is_final(cache.replies.get(item.key), item.record["task"]) for item in items)
@@ -507,12 +488,3 @@ def judge_predictions(predictions_path: str | os.PathLike, ann_path: str | os.Pa
     """judge_records on an existing predictions.jsonl; judge_scores.json goes next to it."""
     return judge_records(read_predictions(predictions_path), ann_path, judge_cfg, Path(predictions_path).parent,
                          show_progress)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file named after this process, so a crash leaves the old file or the new one,
-    never half of one, and two writers never share a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)

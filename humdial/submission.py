@@ -1,26 +1,16 @@
-"""What the challenge takes: which turn of a release dialogue is answered, the submission package, and the
-Nota-style `testset_id,text` CSV, each written and checked against the test set.
+"""The HumDial submission package, written and checked against the test release.
 
     python evaluate.py --ann data/humdial/test.json --submission-dir outputs/HD-Track1       # decode + package
     python evaluate.py --validate-package outputs/HD-Track1 --test-jsonl zh/HD-Track1-T1.jsonl en/HD-Track1-T3.jsonl
-    python evaluate.py --validate outputs/demo/eval_test/submission_emotional_trajectory.csv \
-        --ann data/demo/ann/test.json --task emotional_trajectory
 
 The package mirrors the test release: `<lang>/HD-Track1-T<n>.jsonl`, each test dialogue copied unchanged with the
 model's reply in the evaluated turn's `response_text`; Task 3 replies are also spoken, into
 `<lang>/HD-Track1-T3/<dialogue_id>_<turn_id>_response.wav` (and that turn's `response_audio` names the file).
-
-The evaluated turn: Task 1 and Task 2 answer the last turn. Task 3 (empathy) is scored at the second user turn
-whose emotion is not neutral, with the turns up to it as history: the organisers' scorer
-(ASLP-lab/Hum-Dial, Emotional_Intelligence/eval_task3.py, `find_target_turn`) picks that turn from the emotion
-labels of the submitted file, reading a turn without a label as not neutral. A test file without labels is read
-the same way, unless it marks the turn by its replies (the turns before it have one, it and the later ones none):
-then that first unanswered turn is answered. `evaluated_turn` says which of the three decided.
+Which turn is answered: humdial.tasks.evaluated_turn.
 """
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import re
@@ -33,119 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import soundfile as sf
+from dataset_v1 import audio_problem
+from humdial.tasks import (AUDIO_KEY, EMPATHY, REPLY_KEY, TASKS, evaluated_turn, package_file_name,
+                           release_language, response_wav, task_from_name, turn_id_of)
+from utils import JsonlError, plain_name_problem, read_jsonl
 
-from labels import LABEL_ALIASES, TASK_BY_NUMBER, text_language
-
-SUBMISSION_HEADER = ["testset_id", "text"]
-REPLY_KEYS = ("response_text", "response_txt")  # the training files spell it response_txt
-REPLY_KEY = "response_text"  # what the scorer reads
-AUDIO_KEY = "response_audio"
-EMPATHY = "empathy"
-EMPATHY_TURN_RANK = 2  # the scorer answers the 2nd non-neutral turn (eval_task3.find_target_turn)
-TASK_NUMBER = {task: number for number, task in TASK_BY_NUMBER.items()}
-LANGUAGES = ("zh", "en")
-_TASK_IN_NAME = re.compile(r"(?:^|[^a-z0-9])t(?:ask)?[-_]?([123])(?![0-9])", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{(text|out)\}")
-_NOTA_ID = re.compile(r"test\d{4}")  # the ids of Nota's evaluator sets (its submission_validator.py)
-_NOTA_LIKE_ID = re.compile(r"test\d")
 
 
 class PackageError(ValueError):
     """A package that cannot be written (a dialogue without a prediction, a failing TTS command ...)."""
 
 
-def plain_name_problem(value: object) -> str | None:
-    """Why a dialogue id, turn id, language or output name cannot name a file inside a folder (None when it can):
-    they become parts of output paths, so a path separator, `..` or nothing would write outside the folder."""
-    name = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if name is None or name.strip() in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-        return (f"{value!r} is not a plain file name (it becomes part of a file name inside the output folder: no "
-                "'/', '\\', '..', control characters or empty)")
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- the release
-def task_from_name(path: Path) -> str | None:
-    """The task a file or folder name spells (`HD-Track1-T2.jsonl`, `task1_3.jsonl` = task 1 with 3 turns), if
-    any: the number right after `T`/`task`, so neither `Track1` nor the turn count `_3` is read as a task."""
-    for name in (path.stem, path.parent.name):
-        match = _TASK_IN_NAME.search(name)
-        if match:
-            return TASK_BY_NUMBER[match.group(1)]
-    return None
-
-
-def package_file_name(task: str) -> str:
-    """`HD-Track1-T<n>.jsonl`, the name the release and the package give a task's dialogues."""
-    return f"HD-Track1-T{TASK_NUMBER[task]}.jsonl"
-
-
-def response_wav(dialogue_id: str, turn_id: object) -> str:
-    """Where a Task 3 reply is spoken, relative to the language folder of the package."""
-    return f"HD-Track1-T{TASK_NUMBER[EMPATHY]}/{dialogue_id}_{turn_id}_response.wav"
-
-
-def turn_id_of(turn: Mapping[str, Any], index: int) -> object:
-    """The release's turn_id (the turn's position, from 1, for a record without one)."""
-    return turn.get("turn_id", index + 1)
-
-
-def release_language(record: Mapping[str, Any], folder: str) -> str:
-    """`language` field, else the release's language folder (`zh/`, `en/`), else a `zh`/`en` part of the
-    dialogue id (`zh_0102_0001`, `task2_4_en_0002_0014`), else zh when the turns' text has CJK characters."""
-    if isinstance(record.get("language"), str):
-        return record["language"]
-    if folder in LANGUAGES:
-        return folder
-    parts = str(record.get("dialogue_id", "")).lower().split("_")
-    for language in LANGUAGES:
-        if language in parts:
-            return language
-    turns = record.get("turns") if isinstance(record.get("turns"), list) else []
-    return text_language(" ".join(t["text"] for t in turns if isinstance(t, dict) and isinstance(t.get("text"), str)))
-
-
-def has_reply(turn: Mapping[str, Any]) -> bool:
-    return any(isinstance(turn.get(key), str) and turn[key].strip() for key in REPLY_KEYS)
-
-
-def is_neutral(label: object) -> bool:
-    """A neutral label (or an alias of it); a missing or empty label is not neutral, as the scorer reads it."""
-    key = label.strip().lower() if isinstance(label, str) else ""
-    return LABEL_ALIASES.get(key, key) == "neutral"
-
-
-def first_unanswered_turn(turns: list[Mapping[str, Any]]) -> int | None:
-    """The turn a test file marks by its replies: every turn before it has one, it and every later one none."""
-    answered = [has_reply(t) for t in turns]
-    count = answered.index(False) if False in answered else len(answered)
-    if 0 < count < len(turns) and not any(answered[count:]):
-        return count
-    return None
-
-
-def evaluated_turn(turns: list[Mapping[str, Any]], task: str) -> tuple[int, str]:
-    """(index of the turn whose reply is scored, what decided it: last_turn | labels | first_unanswered_turn |
-    unlabelled_as_non_neutral). ValueError when an empathy dialogue has too few non-neutral turns."""
-    if not turns:
-        raise ValueError("the dialogue has no turns")
-    if task != EMPATHY:
-        return len(turns) - 1, "last_turn"
-    labels = [t.get("emotion") for t in turns]
-    if all(isinstance(label, str) and label.strip() for label in labels):
-        how = "labels"
-    else:
-        marked = first_unanswered_turn(turns)
-        if marked is not None:
-            return marked, "first_unanswered_turn"
-        how = "unlabelled_as_non_neutral"
-    non_neutral = [i for i, label in enumerate(labels) if not is_neutral(label)]
-    if len(non_neutral) < EMPATHY_TURN_RANK:
-        raise ValueError(f"{len(non_neutral)} non-neutral turn(s) ({', '.join(map(str, labels))}): the empathy "
-                         f"task is scored at the non-neutral turn number {EMPATHY_TURN_RANK}")
-    return non_neutral[EMPATHY_TURN_RANK - 1], how
 
 
 @dataclass(frozen=True)
@@ -175,10 +65,10 @@ def releases_of_entries(entries: Iterable[Mapping[str, Any]]) -> list[Release]:
     """The release dialogues behind annotation entries (convert.py keeps each one as `release_record`)."""
     releases = []
     for entry in entries:
-        if "release_record" not in entry or entry.get("task") not in TASK_NUMBER:
+        if "release_record" not in entry or entry.get("task") not in TASKS:
             raise PackageError(f"{entry.get('source', entry.get('id', entry.get('path')))}: not a HumDial dialogue "
                                f"converted by convert.py (no release_record, or task {entry.get('task')!r} is "
-                               f"not one of {', '.join(TASK_NUMBER)}): re-run convert.py on the test JSONL")
+                               f"not one of {', '.join(TASKS)}): re-run convert.py on the test JSONL")
         release = Release(entry["source"], entry["release_record"], entry["task"], entry["language"])
         if release.path_problem():
             raise PackageError(release.path_problem())
@@ -194,7 +84,7 @@ def read_releases(paths: Iterable[str | os.PathLike]) -> tuple[list[Release], li
         lines, read_problems = read_jsonl_objects(path)
         problems += read_problems
         for where, record in lines:
-            task = record.get("task") if record.get("task") in TASK_NUMBER else task_from_name(path)
+            task = record.get("task") if record.get("task") in TASKS else task_from_name(path)
             if task is None:
                 problems.append(f"{where}: cannot tell the task: name the file HD-Track1-T<n>.jsonl as the "
                                 "release does")
@@ -208,28 +98,19 @@ def read_releases(paths: Iterable[str | os.PathLike]) -> tuple[list[Release], li
 
 
 def read_jsonl_objects(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(("file:line", object) for each non-blank line, problems: a missing file, malformed lines, non-objects)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """(("file:line", dialogue object) for each non-blank line, problems: a missing file, bad lines, lines that are
+    not a dialogue object)."""
+    if not path.is_file():
         return [], [f"{path}: file not found"]
-    except UnicodeDecodeError as e:
-        return [], [f"{path}: not UTF-8 text: {e}"]
     objects, problems = [], []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
-            continue
-        if not (isinstance(value, dict) and isinstance(value.get("dialogue_id"), str)
-                and isinstance(value.get("turns"), list) and all(isinstance(t, dict) for t in value["turns"])):
+    for where, value in read_jsonl(path):
+        if isinstance(value, JsonlError):
+            problems.append(str(value))
+        elif not (isinstance(value, dict) and isinstance(value.get("dialogue_id"), str)
+                  and isinstance(value.get("turns"), list) and all(isinstance(t, dict) for t in value["turns"])):
             problems.append(f"{where}: expected a dialogue object with a 'dialogue_id' and a list of 'turns' objects")
-            continue
-        objects.append((where, value))
+        else:
+            objects.append((where, value))
     return objects, problems
 
 
@@ -367,38 +248,6 @@ def speak(text: str, out: Path, command: str) -> None:
         raise PackageError(f"TTS command {shlex.join(argv)!r} wrote no usable audio: {problem}")
 
 
-def audio_problem(path: Path, read_samples: bool = False) -> str | None:
-    """What is wrong with an audio file (missing, unreadable, no samples, truncated; with read_samples also
-    undecodable or non-finite samples), or None."""
-    if not path.is_file():
-        return f"audio file not found: {path}"
-    try:
-        info = sf.info(str(path))
-        samples = sf.read(str(path), dtype="float32")[0] if read_samples else None
-    except (sf.LibsndfileError, RuntimeError) as e:
-        return f"cannot read audio {path}: {e}"
-    if info.frames == 0:
-        return f"audio file has no samples: {path}"
-    if wav_truncation(info):
-        return f"audio file is truncated: {path} ({wav_truncation(info)})"
-    if samples is not None and not np.isfinite(samples).all():
-        return f"audio file has non-finite samples (NaN or inf): {path}"
-    return None
-
-
-_WAV_DATA_SIZE = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
-
-
-def wav_truncation(info: Any) -> str | None:
-    """What a WAV header promises that its file does not hold (libsndfile's own reading of the header says
-    `data : 64000 (should be 156)`), or None. libsndfile reads such a file as the few samples that are there,
-    silently; a streamed WAV's placeholder sizes (0, 0xFFFFFFFF) mean "unknown", not truncated."""
-    match = _WAV_DATA_SIZE.search(getattr(info, "extra_info", "") or "")
-    if match and int(match[1]) not in (0, 0xFFFFFFFF) and int(match[1]) > int(match[2]):
-        return f"its header declares {match[1]} bytes of samples, the file holds {match[2]}"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- checking a package
 def validate_package(out_dir: str | os.PathLike, test_jsonl_paths: Iterable[str | os.PathLike]) -> list[str]:
     """Problems with a package (an empty list when it is fine), checked against the test JSONL files: every test
@@ -488,80 +337,5 @@ def reply_problems(where: str, turn: dict, release: Release, turn_id: object, la
 
 
 # ---------------------------------------------------------------------------------------------- the CSV
-def submission_text(prediction: str) -> str:
-    """One line per answer: line breaks inside an answer become spaces."""
-    return " ".join(prediction.split())
 
 
-def write_submissions(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One `testset_id,text` CSV per task (a dialogue id appears once per task)."""
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_task[record["task"]].append(record)
-    paths = []
-    for task, task_records in sorted(by_task.items()):
-        path = out_dir / f"submission_{task}.csv"
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(SUBMISSION_HEADER)
-            writer.writerows([r["id"], submission_text(r["prediction"])] for r in task_records)
-        paths.append(path)
-    return paths
-
-
-def validate_submission(path: str | Path, expected_ids: set[str] | None = None) -> list[str]:
-    """Problems with a submission CSV (an empty list when it is fine): header, columns, empty or duplicate
-    ids, empty or multi-line answers, and, given the test set's ids, missing or unknown ones."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        return [f"{path}: file not found"]
-    except (UnicodeDecodeError, csv.Error) as e:
-        return [f"{path}: not a readable UTF-8 CSV file: {e}"]
-    if not rows:
-        return [f"{path}: empty file, expected the header {','.join(SUBMISSION_HEADER)}"]
-    problems = []
-    if rows[0] != SUBMISSION_HEADER:
-        problems.append(f"{path}: header is {','.join(rows[0])!r}, expected {','.join(SUBMISSION_HEADER)!r}")
-    seen: set[str] = set()
-    for line, row in enumerate(rows[1:], start=2):
-        where = f"{path}:{line}"
-        if len(row) != len(SUBMISSION_HEADER):
-            problems.append(f"{where}: {len(row)} columns, expected 2 (quote answers that hold commas)")
-            continue
-        testset_id, text = row
-        if not testset_id.strip():
-            problems.append(f"{where}: empty testset_id")
-        elif testset_id in seen:
-            problems.append(f"{where}: duplicate testset_id {testset_id!r}")
-        else:
-            seen.add(testset_id)
-        if not text.strip():
-            problems.append(f"{where}: empty answer for {testset_id!r}")
-        elif "\n" in text or "\r" in text:
-            problems.append(f"{where}: the answer for {testset_id!r} spans several lines")
-    problems += nota_id_problems(path, [row[0] for row in rows[1:] if len(row) == len(SUBMISSION_HEADER)])
-    if expected_ids is not None:
-        missing, unknown = sorted(expected_ids - seen), sorted(seen - expected_ids)
-        if missing:
-            problems.append(f"{path}: {len(missing)} test id(s) have no row, e.g. {', '.join(missing[:5])}")
-        if unknown:
-            problems.append(f"{path}: {len(unknown)} id(s) are not in the test set, e.g. {', '.join(unknown[:5])}")
-    return problems
-
-
-def nota_id_problems(path: Path, ids: list[str]) -> list[str]:
-    """Nota's evaluator takes ids of the form test0000 only: once any id looks like one (`test` and a digit),
-    every id must be exactly that."""
-    if not any(_NOTA_LIKE_ID.match(i) for i in ids):
-        return []
-    bad = [i for i in ids if not _NOTA_ID.fullmatch(i)]
-    return [f"{path}: {len(bad)} testset_id(s) are not in Nota's format testXXXX (four digits, e.g. test0001): "
-            f"{', '.join(map(repr, bad[:5]))}"] if bad else []
-
-
-def annotation_ids(entries: Iterable[Mapping[str, Any]], task: str | None = None) -> set[str]:
-    """The dialogue ids of annotation entries (of one task, when given): what a submission must cover."""
-    return {entry["id"] for entry in entries if task is None or entry["task"] == task}

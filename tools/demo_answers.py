@@ -1,30 +1,9 @@
-"""Labels and languages: the HumDial tasks, the emotion label set and its aliases, and which language a text is in.
-
-A leaf module (standard library only): convert.py, the dataset, the metrics and the demo corpus all read these
-facts from here.
-"""
+"""The demo corpus's answers: the words for each emotion label and the varied trajectory answers that
+scripts/make_demo_corpus.py writes and the experiments read back. Demo data, not a challenge rule: the metric's
+own lexicon is metrics.EMOTION_WORDS, which reads every word here (tests/test_metrics.py)."""
 from __future__ import annotations
 
 import random
-import re
-
-# HumDial Track 1 tasks, by their number in the release's file names (HD-Track1-T1.jsonl -> 1).
-TASKS = ("emotional_trajectory", "emotional_reasoning", "empathy")
-TASK_BY_NUMBER = {"1": "emotional_trajectory", "2": "emotional_reasoning", "3": "empathy"}
-
-# The seven HumDial emotion labels.
-EMOTIONS = ("happy", "sad", "anger", "fear", "neutral", "surprise", "disgust")
-
-# Other spellings of a label seen in emotion corpora and Chinese releases (convert.py counts each use).
-LABEL_ALIASES = {
-    "happiness": "happy", "joy": "happy", "joyful": "happy", "glad": "happy", "开心": "happy", "高兴": "happy",
-    "sadness": "sad", "unhappy": "sad", "难过": "sad", "悲伤": "sad", "伤心": "sad",
-    "angry": "anger", "mad": "anger", "生气": "anger", "愤怒": "anger",
-    "fearful": "fear", "afraid": "fear", "scared": "fear", "害怕": "fear", "恐惧": "fear",
-    "calm": "neutral", "中性": "neutral", "平静": "neutral",
-    "surprised": "surprise", "surprising": "surprise", "惊讶": "surprise", "吃惊": "surprise",
-    "disgusted": "disgust", "disgusting": "disgust", "厌恶": "disgust", "反感": "disgust",
-}
 
 # The plain word for each label in each language (the demo corpus's answers use it).
 LABEL_WORDS = {
@@ -33,22 +12,6 @@ LABEL_WORDS = {
     "zh": {"happy": "开心", "sad": "难过", "anger": "生气", "fear": "害怕", "neutral": "平静",
            "surprise": "惊讶", "disgust": "反感"},
 }
-
-# CJK ideographs: the unified block, extension A and the compatibility block.
-CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-CJK_CHARACTER = re.compile(f"[{CJK_RANGES}]")
-_LATIN_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
-
-
-def canonical_emotion(label: str) -> str:
-    """One of EMOTIONS for a label or a known alias ('Angry', '生气', 'anger'); ValueError if unknown."""
-    key = label.strip().lower()
-    if key in EMOTIONS:
-        return key
-    if key in LABEL_ALIASES:
-        return LABEL_ALIASES[key]
-    raise ValueError(f"unknown emotion label {label!r}; expected one of {', '.join(EMOTIONS)} "
-                     "(or an alias such as angry, surprised)")
 
 
 # Words the demo corpus's answers draw on, several per label, as real answers vary them (metrics reads them all).
@@ -107,25 +70,3 @@ def trajectory_summary(emotions: list[str], language: str, rng: random.Random | 
     if closing_calm and (rng is None or rng.random() < 0.5):
         text += pick(_CALM_ENDINGS[lang])
     return text + ("。" if lang == "zh" else ".")
-
-
-def is_chinese(text: str) -> bool:
-    """True when the text contains CJK ideographs."""
-    return bool(CJK_CHARACTER.search(text))
-
-
-def written_language(text: str) -> str | None:
-    """'zh' when CJK ideographs outnumber Latin words, else 'en'; None for text with neither (empty, symbols).
-
-    A Chinese character is weighed against an English word, not a letter, so "收到offer很开心" stays Chinese
-    and an English answer quoting one Chinese word stays English.
-    """
-    cjk, latin = len(CJK_CHARACTER.findall(text)), len(_LATIN_WORD.findall(text))
-    if cjk == latin == 0:
-        return None
-    return "zh" if cjk > latin else "en"
-
-
-def text_language(text: str) -> str:
-    """The language a text is written in, of HumDial's two (written_language; English for text with neither)."""
-    return written_language(text) or "en"

@@ -45,7 +45,7 @@ TEXT_TOKENS_PER_TURN = 12
 ANSWER_TOKENS = 40
 CONCAT_GAP_SECONDS = 0.5  # datasets.concat_gap_s
 MODES = ("per_turn", "per_turn_trimmed", "packed", "concat")
-TABLE_LLMS = ("7b", "13b", "qwen2.5-7b", "qwen3-8b")  # models/real_size.LLMS
+TABLE_LLMS = ("7b", "13b", "qwen2.5-7b", "qwen3-8b")  # tools/real_size.LLMS
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -177,10 +177,10 @@ class Salmonn:
 
 def released_shape(llm: str) -> Salmonn:
     """SALMONN-13B (salmonn_v1.pth) or -7B (salmonn_7b_v0.pth) as released, or the same SALMONN on a Qwen LLM
-    (qwen2.5-7b, qwen3-8b): models/real_size.py's configs and config.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers;
+    (qwen2.5-7b, qwen3-8b): tools/real_size.py's configs and config.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers;
     LoRA rank 8 on q_proj, v_proj), bf16 frozen weights."""
     from config import MODEL_DEFAULTS
-    from models.real_size import BEATS_CPT2, LLMS, WHISPER_FEATURES, WHISPER_LARGE_V2  # (imports torch)
+    from tools.real_size import BEATS_CPT2, LLMS, WHISPER_FEATURES, WHISPER_LARGE_V2  # (imports torch)
 
     if llm not in LLMS:
         raise ValueError(f"unknown LLM {llm!r}: one of {', '.join(LLMS)}")
