@@ -31,7 +31,8 @@ epoch, index) so that a resumed run sees the same prompts: call `dataset.set_epo
 An annotation entry with `turns` is a dialogue (see convert.py for its fields); any other entry is the original
 format `{"path", "text", "task"?, "Q"?, "expand_wav"?}` (no task: asr) or Nota's (`testset_id`: the id; `text`
 may be absent in a test set). Relative audio paths resolve against `datasets.prefix` when set, else the
-annotation file's folder; a split may be a list of annotation files (read_annotation). The batch format is in docs/design.md ("A batch"); besides its keys, each sample carries
+annotation file's folder; a split may be a list of annotation files (read_annotation). The batch format is in
+docs/design.md ("A batch"); besides its keys, each sample carries
 `language` and `emotions` (the per-turn labels; [] for single-clip entries) for the metrics.
 """
 from __future__ import annotations

@@ -4,7 +4,8 @@
     python evaluate.py --options model.ckpt=outputs/demo/checkpoint_best.pth --batch-size 4
     python evaluate.py --cfg-path configs/config.yaml --cfg-path configs/decode_config.yaml \\
         --options model.ckpt=outputs/finetune_humdial/checkpoint_best.pth --batch-size 8
-    python evaluate.py --validate outputs/demo/eval_test/submission_emotional_trajectory.csv --ann data/demo/ann/test.json
+    python evaluate.py --validate outputs/demo/eval_test/submission_emotional_trajectory.csv \\
+        --ann data/demo/ann/test.json
     python evaluate.py --judge-url http://localhost:8000/v1 --judge-model NAME    # decode, then the LLM judge
     python evaluate.py --judge outputs/demo/eval_test/predictions.jsonl --ann data/demo/ann/test.json \\
         --judge-url http://localhost:8000/v1 --judge-model NAME                   # judge only (no model load)
@@ -29,7 +30,8 @@ and with --submission-dir DIR the package the challenge takes (humdial/submissio
     DIR/<lang>/HD-Track1-T<n>.jsonl                         each test dialogue, the reply in its evaluated turn
     DIR/<lang>/HD-Track1-T3/<id>_<turn>_response.wav         Task 3 replies spoken by submission.tts_command
 
-Metrics per (task, language), all in % (metrics.py; humdial/scoring.py adds the challenge's): `asr*` tasks get WER (English) or CER (Chinese); every other
+Metrics per (task, language), all in % (metrics.py; humdial/scoring.py adds the challenge's): `asr*` tasks get
+WER (English) or CER (Chinese); every other
 task gets BLEU and ROUGE-L; captioning also CIDEr-D, METEOR, SPICE and SPIDEr (each one that cannot run here is
 listed as unavailable, with the reason); emotion_recognition, speaker_verification and closed-form QA accuracy;
 `emotional_trajectory` also gets emotion_exact and emotion_turn_acc. The same files

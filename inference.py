@@ -215,8 +215,9 @@ def prediction_record(batch: dict[str, Any], index: int, prediction: str, scorer
 
 @torch.no_grad()
 def decode(model: SALMONN, batches: Iterable[dict[str, Any]], generate_settings: dict[str, Any],
-           amp_dtype: torch.dtype | None, scorer: Scorer, full_params: Callable[[], AbstractContextManager] = nullcontext,
-           show_progress: bool = True) -> Iterator[dict[str, Any]]:
+           amp_dtype: torch.dtype | None, scorer: Scorer,
+           full_params: Callable[[], AbstractContextManager] = nullcontext, show_progress: bool = True
+           ) -> Iterator[dict[str, Any]]:
     """Records (prediction_record) for every sample, in batch order, as each batch is decoded. Batches are
     left-padded and each sample stops at its own end token (SALMONN.generate); `full_params` wraps each generate
     call (FSDP gathers the full parameters there)."""

@@ -30,7 +30,6 @@ import re
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +92,8 @@ def written_language(text: str) -> str | None:
 
 
 def text_language(text: str) -> str:
-    """The language a text is written in, of the two this repo serves (written_language; English for text with neither)."""
+    """The language a text is written in, of the two this repo serves (written_language; English for text with
+    neither)."""
     return written_language(text) or "en"
 
 

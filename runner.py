@@ -288,7 +288,8 @@ def fsdp_wrap(model: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
     Qwen3DecoderLayer, ...) is a shard unit, then the whole model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype
+          else MixedPrecisionPolicy())
     layers = decoder_layer_classes(model.llama_model)
     for module in model.modules():
         if isinstance(module, layers):
@@ -661,9 +662,8 @@ class Runner:
         out_dir = self.output_dir / f"eval_{Path(ann_path).stem}"
         records = self.decode(split)
         if self.dist.is_main:
-            scores, _ = write_decode_outputs(records, out_dir, self.cfg,
-                                             {"annotation": str(ann_path), "generate": config_to_dict(self.cfg.generate)},
-                                             self.scorer)
+            info = {"annotation": str(ann_path), "generate": config_to_dict(self.cfg.generate)}
+            scores, _ = write_decode_outputs(records, out_dir, self.cfg, info, self.scorer)
             log.info("wrote %d predictions to %s; scores: %s", len(records), out_dir,
                      ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "none (no references)")
         barrier()

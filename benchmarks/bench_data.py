@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from dataset_v1 import build_dataset, collate, load_audio, log_mel, per_turn_clips
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def loading_rate(dataset, batch_size: int, workers: int) -> float:

@@ -10,9 +10,9 @@ Phases, each in this one process, with the peak resident set size (VmHWM, reset 
 2. build: `runner.build_model` on configs/finetune_humdial_7b.yaml pointed at the artifacts, `model.torch_dtype:
    bfloat16`, `from_pretrained`, and the released-format checkpoint loaded strictly;
 3. training steps (`Runner.train_step`: forward, backward, clipping, AdamW) on a 5-turn dialogue of the demo
-   corpus (with --count-flops, FLOPs counted by torch.utils.flop_counter): per-turn (five 30 s Whisper passes, 88 speech tokens a turn),
-   packed + trimmed + padding-free (one Whisper pass, the turns' windows only), and per-turn with
-   run.gradient_checkpointing;
+   corpus (with --count-flops, FLOPs counted by torch.utils.flop_counter): per-turn (five 30 s Whisper passes,
+   88 speech tokens a turn), packed + trimmed + padding-free (one Whisper pass, the turns' windows only), and
+   per-turn with run.gradient_checkpointing;
 4. a short greedy generation for the same dialogue: time to first token and per token.
 Writes `bench_real_size.json` into --out and prints a table; the memory plan's CPU prediction sits beside the
 measured growth of a training step (parameters + activations).
@@ -35,13 +35,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import WhisperModel
 
-from benchmarks.bench_inference import TokenClock
-from benchmarks.bench_train import cpu_name
+from benchmarks.common import TokenClock, cpu_name
 from config import add_config_arguments, load_config
 from dataset_v1 import build_dataset, collate, read_annotation
-from tools.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
 from models.salmonn import SALMONN
 from runner import Runner, build_model
+from tools.real_size import BEATS_FILE, RELEASED_CHECKPOINT, VICUNA_FOLDER, WHISPER_FOLDER
 from utils import init_distributed, seed_everything, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]

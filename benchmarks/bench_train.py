@@ -27,7 +27,6 @@ bench_data.py), after --warmup untimed steps; the device is synchronised around 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -38,15 +37,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import peak_flops, peak_memory_bytes, synchronize
 from config import add_config_arguments, load_config
 from runner import Runner, build_datasets, build_model
 from utils import init_distributed, seed_everything, setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# Dense (no sparsity) tensor-core peaks in TFLOP/s for bf16/fp16, from the vendors' datasheets.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
-                   "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,47 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cfg_path = args.cfg_path or [str(ROOT / "configs/demo.yaml")]
     return args
 
-
-def peak_flops(device: torch.device, dtype: torch.dtype | None, given_tflops: float | None) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where the figure comes from."""
-    if given_tflops:
-        return given_tflops * 1e12, "--peak-tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                scale = 1.0 if dtype in (torch.bfloat16, torch.float16) else 0.5  # tf32 tensor cores: half
-                return tflops * scale * 1e12, f"datasheet {key} {'bf16/fp16' if scale == 1 else 'tf32'} dense"
-        raise SystemExit(f"unknown GPU '{name}': pass --peak-tflops")
-    return measured_matmul_flops(), f"measured fp32 matmul, {torch.get_num_threads()} threads"
-
-
-def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    """The processor's model name and core count, for the figures' record."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    return f"{names[0]} ({len(names)} cores)" if names else "CPU"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
 
 
 class LlmPositions:

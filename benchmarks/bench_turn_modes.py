@@ -44,7 +44,7 @@ How the figures are made:
   step, which doubles as each mode's warm-up; each batch's fastest of --rounds passes (interference only ever adds
   time), summed over the batches and divided by their dialogues.
 - Inference: greedy, batch 1, the first 5-turn dialogue of the corpus with the evaluation prompt: time to first
-  token on the tiny model (bench_inference's TokenClock; modes interleaved, fastest of --repeats after a warm-up
+  token on the tiny model (benchmarks.common.TokenClock; modes interleaved, fastest of --repeats after a warm-up
   round), and the FLOPs of the prefill at full size (encoders, Q-Former and the LLM forward over the prompt, logits
   of the last position only, as generate computes them), cross-checked like training against a counted generate
   of one token on the tiny model.
@@ -69,15 +69,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_inference import TokenClock
-from benchmarks.bench_train import cpu_name
+from benchmarks.common import TokenClock, cpu_name
 from config import load_config
 from dataset_v1 import SalmonnDataset, build_dataset, collate
 from models.beats import BEATs
 from models.llm import base_llm
-from tools.real_size import LLM_FOLDER, LLMS, released_model_config, write_config_folders
 from models.salmonn import SALMONN
 from runner import Runner, build_datasets, build_model
+from tools.real_size import LLM_FOLDER, LLMS, released_model_config, write_config_folders
 from utils import init_distributed, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent

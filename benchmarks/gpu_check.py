@@ -44,21 +44,21 @@ import soundfile as sf
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tools import memory_plan as mp
-from benchmarks.bench_inference import PeakMemory, bench_duration
-from benchmarks.bench_train import peak_flops, synchronize
+from benchmarks.common import PeakMemory, bench_duration, peak_flops, synchronize
 from config import load_config
 from dataset_v1 import build_dataset, collate, load_feature_extractor
 from models import WHISPER_CONV_STRIDE
-from tools.real_size import write_config_folders
 from prompting import question_messages
 from runner import Runner, build_model
+from tools import memory_plan as mp
+from tools.real_size import write_config_folders
 from utils import autocast_dtype, init_distributed, seed_everything, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 # the fine-tune recipe per LLM (a Qwen LLM runs the 7B recipe with its own folder: same connector, LoRA, batch)
 RECIPE = {"13b": ROOT / "configs/config.yaml", "7b": ROOT / "configs/finetune_humdial_7b.yaml",
-          "qwen2.5-7b": ROOT / "configs/finetune_humdial_7b.yaml", "qwen3-8b": ROOT / "configs/finetune_humdial_7b.yaml"}
+          "qwen2.5-7b": ROOT / "configs/finetune_humdial_7b.yaml",
+          "qwen3-8b": ROOT / "configs/finetune_humdial_7b.yaml"}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "omegaconf", "sentencepiece", "safetensors", "soundfile",
             "soxr", "numpy", "tqdm")
 TEMPLATES = ROOT / "data/demo/ann/train.json"  # 5-turn demo dialogues: prompts, answers, transcripts
@@ -153,12 +153,12 @@ def recipe_config(llm: str | None, folders: dict[str, Path] | None, work: Path, 
     return load_config(str(path), options, required_sections=("model", "datasets"))
 
 
-def model_shape(model) -> mp.Salmonn:
+def model_shape(model) -> mp.SalmonnShapes:
     """memory_plan's shapes of a built SALMONN, read from its configs."""
     whisper = model.speech_encoder.config
     clip_seconds = whisper.max_source_positions * WHISPER_CONV_STRIDE * model.whisper_hop_seconds
     beats = dataclasses.asdict(model.beats.cfg) if model.beats is not None else None
-    return mp.Salmonn.from_configs(model.cfg, model.llama_model.config.to_dict(), whisper.to_dict(),
+    return mp.SalmonnShapes.from_configs(model.cfg, model.llama_model.config.to_dict(), whisper.to_dict(),
                                    clip_seconds, beats)
 
 

@@ -3,7 +3,8 @@ OpenAI-compatible chat-completions endpoint (the challenge serves Qwen3-Omni-30B
 
 The judge sees the conversation with the gold emotion tag of every user turn, the earlier assistant replies, the
 final user turn and the answer under evaluation (prompts/judge_prompts.json), and scores each dimension of the task
-(the task table's judge columns, humdial.tasks). Replies are parsed leniently (JSON, JSON in prose or code fences, `Name: 5` lines) and mapped onto the
+(the task table's judge columns, humdial.tasks). Replies are parsed leniently (JSON, JSON in prose or code
+fences, `Name: 5` lines) and mapped onto the
 official scale; a dimension that cannot be read scores the minimum and is counted, never dropped. Every reply is
 appended to a JSONL cache as it arrives, so an interrupted run resumes without asking again.
 
@@ -205,7 +206,7 @@ class JudgmentCache:
                     self.replies[entry["key"]] = entry
             except ValueError as e:  # also malformed JSON and bytes that are not UTF-8
                 if not last:
-                    raise JudgeError(f"{self.path}:{number}: not a judgment line ({e}); fix or remove the line")
+                    raise JudgeError(f"{self.path}:{number}: not a judgment line ({e}); fix or remove the line") from e
                 self._drop_tail(offset, number)
                 return
             offset += len(line) + 1

@@ -51,7 +51,8 @@ _LEFTOVER_KEYS = [
 
 def _prefix_pattern(prefix: str) -> re.Pattern[str]:
     """A `_QFORMER_NAMES` prefix as a regex with named groups for its `{n}` and `{attn}` fields."""
-    pattern = re.escape(prefix).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{attn\}", r"(?P<attn>attention|crossattention)")
+    pattern = re.escape(prefix).replace(r"\{n\}", r"(?P<n>\d+)")
+    pattern = pattern.replace(r"\{attn\}", r"(?P<attn>attention|crossattention)")
     return re.compile("^" + pattern)
 
 

@@ -25,12 +25,11 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from config import MODEL_DEFAULTS
-from models import SPEECH_SLOT
+from models import MODEL_DEFAULTS, SPEECH_SLOT
 from models.tokenizer import SalmonnTokenizer
 
 IGNORE_INDEX = -100
-_END_PROBE = "\x00salmonn-answer-end\x00"  # a reply no real text contains: what the template writes after it ends a turn
+_END_PROBE = "\x00salmonn-answer-end\x00"  # a reply no real text contains: the template writes its turn end after it
 
 
 class LLMFolderError(FileNotFoundError):
@@ -76,7 +75,8 @@ class ChatText:
         self.legacy = not self.uses_chat_template and (path / "tokenizer.model").is_file()
         if self.legacy:  # the released checkpoints' ids: transformers 4.28's slow LLaMA tokenizer, legacy mode
             self.tokenizer: Any = SalmonnTokenizer(path / "tokenizer.model")
-            self.bos_ids, self.eos_id, self.pad_id = [self.tokenizer.bos_id], self.tokenizer.eos_id, self.tokenizer.pad_id
+            self.bos_ids = [self.tokenizer.bos_id]
+            self.eos_id, self.pad_id = self.tokenizer.eos_id, self.tokenizer.pad_id
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.eos_id = self.tokenizer.eos_token_id
@@ -209,7 +209,8 @@ def check_loading_info(info: Mapping[str, Any], what: str, path: str | Path) -> 
     problems = {kind: sorted(map(str, info.get(kind, []))) for kind in ("missing_keys", "unexpected_keys",
                                                                        "mismatched_keys")}
     if any(problems.values()):
-        said = "; ".join(f"{kind.replace('_', ' ')} ({len(keys)}): {keys[:10]}" for kind, keys in problems.items() if keys)
+        said = "; ".join(f"{kind.replace('_', ' ')} ({len(keys)}): {keys[:10]}"
+                         for kind, keys in problems.items() if keys)
         raise ValueError(f"{what} at '{path}' does not match its config.json: {said}. Is the folder complete and "
                          "its config.json the one the weights were saved with?")
 

@@ -35,7 +35,7 @@ from models import SAMPLE_RATE, window_frames
 from models.beats import BEATs
 from models.checkpoint import (WHISPER_FOLDER, beats_missing, copy_checked, load_checkpoint, require_dir,
                                to_original_name)
-from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, llm_folder, load_llm
+from models.llm import IGNORE_INDEX, ChatText, base_llm, check_loading_info, load_llm
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,8 @@ class SALMONN(nn.Module):
         return torch.clamp(torch.ceil(frames / stride), 1, max_windows).long()
 
     # ------------------------------------------------------------------ sequences
-    def _slots_for(self, samples: Mapping[str, Any], num_clips: int) -> list[list[list[Any]]]:
-        slots = samples.get("speech_slots")
+    def _slots_for(self, batch: Mapping[str, Any], num_clips: int) -> list[list[list[Any]]]:
+        slots = batch.get("speech_slots")
         return slots if slots is not None else [[[c]] for c in range(num_clips)]
 
     def _slot_tokens(self, speech: torch.Tensor, atts: torch.Tensor, slot: list[Any],
@@ -364,26 +364,26 @@ class SALMONN(nn.Module):
             start = position
         return torch.cat([*parts, text[start:]]), torch.cat([*part_labels, labels[start:]])
 
-    def _sequences(self, samples: Mapping[str, Any], with_targets: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _sequences(self, batch: Mapping[str, Any], with_targets: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Encodes the clips and splices them into each sample's token ids (`input_ids` [B, T] with `labels`,
         `attention_mask` and `prompt_lengths` [B], from dataset_v1.collate): per sample (embeds [L_b, D],
         labels [L_b]); without targets only the prompt."""
-        if samples.get("input_ids") is None:
+        if batch.get("input_ids") is None:
             raise ValueError("the batch has no 'input_ids': prompts are tokenised by the data side "
                              "(dataset_v1.collate, models.llm.ChatText)")
-        speech, atts = self.encode_speech(samples["spectrogram"].to(self.device),
-                                          _to(samples.get("raw_wav"), self.device),
-                                          _to(samples.get("padding_mask"), self.device))
-        ids, labels = samples["input_ids"].to(self.device), samples["labels"].to(self.device)
-        lengths = (samples["attention_mask"].sum(-1) if with_targets else samples["prompt_lengths"]).tolist()
-        slots = self._slots_for(samples, speech.shape[0])
+        speech, atts = self.encode_speech(batch["spectrogram"].to(self.device),
+                                          _to(batch.get("raw_wav"), self.device),
+                                          _to(batch.get("padding_mask"), self.device))
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        lengths = (batch["attention_mask"].sum(-1) if with_targets else batch["prompt_lengths"]).tolist()
+        slots = self._slots_for(batch, speech.shape[0])
         if len(slots) != len(ids):
             raise ValueError(f"batch has {len(ids)} token rows but {len(slots)} speech_slots entries")
         windows_kept = (atts.sum(-1) // self.speech_query_tokens.shape[1]).tolist()  # [C]: a prefix of each clip
         seqs = []
         for b, n in enumerate(lengths):
             slot_embeds = [self._slot_tokens(speech, atts, slot, windows_kept) for slot in slots[b]]
-            seqs.append(self._sequence(ids[b, :n], labels[b, :n], samples["slot_positions"][b], slot_embeds))
+            seqs.append(self._sequence(ids[b, :n], labels[b, :n], batch["slot_positions"][b], slot_embeds))
         return seqs
 
     def _padded(self, seqs: list[tuple[torch.Tensor, torch.Tensor]],
@@ -404,10 +404,10 @@ class SALMONN(nn.Module):
                                                           device=self.device))))
         return torch.stack(embeds), torch.stack(masks), torch.stack(labels)
 
-    def _batch_sequences(self, samples: Mapping[str, Any], with_targets: bool,
+    def _batch_sequences(self, batch: Mapping[str, Any], with_targets: bool,
                          left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's sequences, padded: embeds [B, L, D], attention mask [B, L], labels [B, L]."""
-        return self._padded(self._sequences(samples, with_targets), left_pad)
+        return self._padded(self._sequences(batch, with_targets), left_pad)
 
     def _packed_row(self, seqs: list[tuple[torch.Tensor, torch.Tensor]]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -420,12 +420,12 @@ class SALMONN(nn.Module):
         return embeds, positions, torch.cat([lab for _, lab in seqs])[None]
 
     # ------------------------------------------------------------------ training
-    def forward(self, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Next-token loss on the targets. `loss` is this batch's mean; `loss_sum`/`num_tokens` let a runner
         normalise over accumulation steps and ranks. With `padding_free` the batch is one packed row (same loss:
         each sequence starts with a prompt token, whose label is ignored, so no target is predicted across a
         boundary)."""
-        seqs = self._sequences(samples, with_targets=True)
+        seqs = self._sequences(batch, with_targets=True)
         if self.padding_free:
             embeds, positions, labels = self._packed_row(seqs)
             logits = self.llama_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits
@@ -450,10 +450,10 @@ class SALMONN(nn.Module):
         return gen
 
     @torch.no_grad()
-    def generate(self, samples: Mapping[str, Any], generate_cfg: Mapping[str, Any],
+    def generate(self, batch: Mapping[str, Any], generate_cfg: Mapping[str, Any],
                  streamer: Any = None) -> list[str]:
         """Answers as clean text. Prompts are left-padded; each sample stops at its own end token."""
-        embeds, mask, _ = self._batch_sequences(samples, with_targets=False, left_pad=True)
+        embeds, mask, _ = self._batch_sequences(batch, with_targets=False, left_pad=True)
         out = self.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                         generation_config=self.generation_config(generate_cfg), streamer=streamer)
         return [self.text.answer(ids.tolist()) for ids in out]

@@ -19,7 +19,8 @@ Design, so that the corpus can test whether a model hears emotion:
   unnamed: tools.demo_answers.trajectory_summary), which humdial.trajectory reads.
 - Task 2 (emotional reasoning): the last turn asks why; the target ties each emotion to what the user said.
   Task 3 (empathy): statements only; the reply at the turn where the challenge evaluates it (the second one that
-  is not neutral: humdial.tasks.evaluated_turn) is an empathetic one. `--tasks 1` writes Task 1 alone (the listening experiment).
+  is not neutral: humdial.tasks.evaluated_turn) is an empathetic one. `--tasks 1` writes Task 1 alone (the
+  listening experiment).
 - Transcripts carry the release's paralinguistic tags now and then ([laughter], [sigh] / [笑声], [叹息声]); the
   audio speaks the sentence without them.
 - Held-out (test) dialogues use sentences of which some never appear in training dialogues.
@@ -250,7 +251,8 @@ def plan_dialogue(rng: random.Random, labels: LabelCycle, language: str, held_ou
     if held_out and not any(s in HELD_OUT_SENTENCES[language] for s in statements):
         statements[rng.randrange(len(statements))] = rng.choice(HELD_OUT_SENTENCES[language])
     emotions = [labels.next() for _ in statements]
-    while TASK_TURNS[task] == "statements" and sum(e != "neutral" for e in emotions) < TASKS["empathy"].answered_non_neutral_turn:
+    answered = TASKS["empathy"].answered_non_neutral_turn
+    while TASK_TURNS[task] == "statements" and sum(e != "neutral" for e in emotions) < answered:
         emotions[emotions.index("neutral")] = labels.next()  # Task 3 needs the turn it is evaluated at
     replies = rng.sample(REPLIES[language], num_turns)  # the evaluated turn's is replaced by the target
     turns = [Turn(text, emotion, reply, rng.choice(AUDIO_FORMATS), statement_tag(emotion, language, rng))
@@ -287,8 +289,8 @@ def reasons(statements: list[Turn], language: str, rng: random.Random) -> str:
     """Task 2's answer: each statement's emotion tied to what the user said ("When your ..., you felt ...")."""
     words = ANSWER_WORDS[language]
     if language == "zh":
-        parts = [f"{'先是' if i == 0 else '后来'}因为{second_person(t.text, language)}，你感到{rng.choice(words[t.emotion])}"
-                 for i, t in enumerate(statements)]
+        parts = [f"{'先是' if i == 0 else '后来'}因为{second_person(t.text, language)}，"
+                 f"你感到{rng.choice(words[t.emotion])}" for i, t in enumerate(statements)]
         return "，".join(parts) + "。"
     parts = [f"{'First' if i == 0 else 'then'}, when {second_person(t.text, language)}, you felt "
              f"{rng.choice(words[t.emotion])}" for i, t in enumerate(statements)]

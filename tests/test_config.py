@@ -120,7 +120,7 @@ def restated_defaults(given: dict, schema: dict, prefix: str = "") -> list[str]:
 def test_configs_hold_only_what_differs_from_the_defaults(path: Path) -> None:
     """config.py is the one home of the defaults: a config that restates one would silently keep an old value
     when the default changes. Each config also says in its first line what it is for."""
-    from config import MODEL_DEFAULTS
+    from models import MODEL_DEFAULTS
 
     given = OmegaConf.to_container(OmegaConf.load(path))
     assert restated_defaults(given, {**SCHEMA, "model": MODEL_DEFAULTS}) == []

@@ -1,7 +1,6 @@
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,7 @@ import torch
 
 from dataset_v1 import (AnnotationError, AudioError, build_dataset, collate, load_audio, load_feature_extractor,
                         make_batch, split_clips)
-from config import MODEL_DEFAULTS
+from models import MODEL_DEFAULTS
 from models import SAMPLE_RATE
 from models.llm import ChatText
 from prompting import SPEECH_SLOT, PromptError

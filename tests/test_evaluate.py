@@ -59,8 +59,9 @@ def parity(tmp_path_factory):
 def test_batch_of_four_decodes_like_four_single_decodes(parity):
     cfg, model, dataset = parity
     settings = {"num_beams": 1, "max_new_tokens": 6}
-    batched = list(decode(model, DataLoader(dataset, batch_size=4, collate_fn=collate), settings, None, HumDialScorer()))
-    alone = list(decode(model, DataLoader(dataset, batch_size=1, collate_fn=collate), settings, None, HumDialScorer()))
+    scorer = HumDialScorer()
+    batched = list(decode(model, DataLoader(dataset, batch_size=4, collate_fn=collate), settings, None, scorer))
+    alone = list(decode(model, DataLoader(dataset, batch_size=1, collate_fn=collate), settings, None, scorer))
     assert [r["id"] for r in batched] == ["clip0", "clip1", "clip2", "clip3"]
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
     assert len({r["prediction"] for r in batched}) > 1, "answers should depend on the input"

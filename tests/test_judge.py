@@ -143,14 +143,12 @@ DIALOGUES = [  # id, task, language, [(transcript, emotion, reply)], final (tran
 
 
 def write_corpus(tmp_path: Path, dialogues=DIALOGUES, blind_turn: int | None = None) -> tuple[Path, Path]:
-    """An annotation file (empty stand-in audio: judging never reads it) and a predictions.jsonl whose answer n
-    carries the marker ANSWER-n."""
-    (tmp_path / "audio").mkdir(exist_ok=True)
+    """An annotation file whose audio is not on disk (judging reads transcripts and labels only) and a
+    predictions.jsonl whose answer n carries the marker ANSWER-n."""
     entries, records = [], []
     for n, (did, task, language, history, final) in enumerate(dialogues, start=1):
         turns = []
         for k, (text, emotion, reply) in enumerate([*history, (*final, None)], start=1):
-            (tmp_path / "audio" / f"{did}_{k}.wav").write_bytes(b"")
             turn = {"path": f"audio/{did}_{k}.wav", "transcript": text, "emotion": emotion, "duration": 1.0}
             if reply is not None:
                 turn["reply"] = reply
@@ -420,7 +418,7 @@ def test_a_cut_last_cache_line_is_dropped_reported_and_asked_again(serve, tmp_pa
     summary = judge.judge_predictions(predictions, ann, judge_cfg(again, tmp_path), show_progress=False)
     assert len(again.requests) == 1 and summary["cache"]["dropped_cut_lines"] == 1
     assert "cache.jsonl:3: last line cut short" in capsys.readouterr().err
-    assert [json.loads(line)["key"] for line in cache.read_text().splitlines()] == [json.loads(l)["key"] for l in lines]
+    assert [json.loads(line)["key"] for line in cache.read_text().splitlines()] == [json.loads(x)["key"] for x in lines]
 
 
 @pytest.mark.parametrize("bad_line", ["not json", '{"key": "b"}', '["key", "reply"]'])

@@ -1,6 +1,5 @@
 """The pieces of the listening experiment (scripts/learning_experiment.py), without running it."""
 from __future__ import annotations
-from humdial import trajectory
 
 import json
 import sys

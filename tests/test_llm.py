@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from config import ConfigError, load_config, section_defaults
-from dataset_v1 import build_dataset, collate, make_batch
+from dataset_v1 import build_dataset, make_batch
 from models import SAMPLE_RATE, SPEECH_SLOT
 from models.llm import ChatText, decoder_layer_classes
 from models.salmonn import SALMONN
@@ -42,7 +42,8 @@ def test_qwen_folder_uses_its_chat_template_and_ends_answers_with_im_end():
     ids, cut = text.target_ids("你好")
     assert not cut and ids[-1] == im_end and text.tokenizer.decode(ids[:-1]) == "你好"
     rendered = text.render([{"role": "user", "content": f"<Speech>{SPEECH_SLOT}</Speech> 说说。"}])
-    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert rendered.startswith("<|im_start|>user\n")
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     prompt_ids, positions = text.prompt_ids(rendered)
     assert prompt_ids[0] == text.tokenizer.convert_tokens_to_ids("<|im_start|>")  # a special token, not its letters
     before, after = rendered.split(SPEECH_SLOT)
@@ -219,8 +220,10 @@ def test_train_py_takes_any_llm_folder_from_the_command_line(tmp_path):
                        "run.optims.max_epoch=1", "run.valid_decode_samples=2", "run.num_workers=0",
                        f"datasets.train_ann_path={DEMO_ANN / 'train.json'}",
                        f"datasets.valid_ann_path={DEMO_ANN / 'valid.json'}", "model.prompt_path="
-                       f"{ROOT / 'prompts/train_prompt.json'}", f"model.test_prompt_path={ROOT / 'prompts/test_prompt.json'}",
-                       f"model.whisper_path={ROOT / 'assets/tiny/whisper_5s'}", f"model.beats_path={ROOT / 'assets/tiny/beats.pt'}"])
+                       f"{ROOT / 'prompts/train_prompt.json'}",
+                       f"model.test_prompt_path={ROOT / 'prompts/test_prompt.json'}",
+                       f"model.whisper_path={ROOT / 'assets/tiny/whisper_5s'}",
+                       f"model.beats_path={ROOT / 'assets/tiny/beats.pt'}"])
     assert code == 0
     saved = torch.load(out / "checkpoint_step2.pth", map_location="cpu", weights_only=True)
     assert saved["config"]["model"]["llm_path"] == str(QWEN)

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from tools import memory_plan as mp
-from config import MODEL_DEFAULTS
+from models import MODEL_DEFAULTS
 from dataset_v1 import load_feature_extractor, make_batch, packed_clips, packed_layout, per_turn_clips
 from models import SAMPLE_RATE
 from tools.real_size import (BEATS_CPT2, WHISPER_FEATURES, WHISPER_LARGE_V2, released_model_config,
@@ -232,7 +232,7 @@ def test_speech_side_is_what_autograd_keeps(speech_folders, precision, trim):
     with autocast, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         embeds, atts = model.encode_speech(batch["spectrogram"], batch["raw_wav"], batch["padding_mask"])
 
-    s = mp.Salmonn.from_configs(model_cfg, json.loads((f["llama"] / "config.json").read_text()),
+    s = mp.SalmonnShapes.from_configs(model_cfg, json.loads((f["llama"] / "config.json").read_text()),
                                 json.loads((f["whisper"] / "config.json").read_text()), 3.0,
                                 json.loads(f["beats"].read_text()))
     windows = sum(mp.kept_windows(s, t) for t in (2.5, 1.2)) if trim else 2 * s.windows_per_clip

@@ -8,7 +8,7 @@ import sacrebleu
 import metrics
 from humdial import trajectory
 from humdial.scoring import HumDialScorer
-from tools.demo_answers import LABEL_WORDS
+from tools.demo_answers import ANSWER_WORDS, LABEL_WORDS
 
 
 def test_wer_one_substitution_in_three_words():
@@ -110,8 +110,8 @@ def test_canonical_emotion_accepts_labels_in_both_languages():
     ("composed", "neutral"), ("at ease", "neutral"),
 ])
 def test_synonym_families_in_both_languages(word, label):
-    assert metrics.extract_emotions(f"那时候有点{word}。" if metrics.is_chinese(word) else f"Back then I felt {word}.") \
-        == [label]
+    sentence = f"那时候有点{word}。" if metrics.is_chinese(word) else f"Back then I felt {word}."
+    assert metrics.extract_emotions(sentence) == [label]
 
 
 def test_a_word_for_a_pleasant_surprise_names_surprise_and_happy():
@@ -252,3 +252,14 @@ def test_score_group_with_references_and_labels():
                       "emotion_turn_acc": 100.0, "language_match": 100.0}
     with pytest.raises(ValueError, match="lack gold per-turn emotion labels"):
         HumDialScorer().group_scores("emotional_trajectory", "zh", [dict(records[0], emotions=["sad", "", "neutral"])])
+
+
+def test_the_metric_reads_every_demo_answer_word_as_its_label():
+    """The demo corpus's answers (tools.demo_answers) are written with these words: each must be read back as the
+    label it stands for, alone, by the lexicon the metrics use."""
+    for language, words in ANSWER_WORDS.items():
+        for label, synonyms in words.items():
+            for word in synonyms:
+                assert label in metrics.extract_emotions(word), (language, label, word)
+    for language, words in LABEL_WORDS.items():
+        assert all(label in metrics.extract_emotions(word) for label, word in words.items()), language

@@ -264,8 +264,10 @@ def test_tokenizer_matches_sentencepiece_piece_by_piece():
     path = "assets/tiny/llama/tokenizer.model"
     tok, sp = SalmonnTokenizer(path), spm.SentencePieceProcessor(model_file=path)
     text = "</Speech> How did my emotion change?\nASSISTANT: You were happy, then sad.</s>"
-    assert tok.encode(text) == sp.encode("</Speech> How did my emotion change?\nASSISTANT: You were happy, then sad.") + [2]
-    assert tok.encode("</Speech> x")[0] == sp.piece_to_id("▁<") or sp.id_to_piece(tok.encode("</Speech> x")[0]).startswith("▁")
+    assert tok.encode(text) == sp.encode("</Speech> How did my emotion change?\nASSISTANT: You were happy, then sad."
+                                         ) + [2]
+    first = tok.encode("</Speech> x")[0]
+    assert first == sp.piece_to_id("▁<") or sp.id_to_piece(first).startswith("▁")
     assert tok.decode(tok.encode("你好 world</s>")) == "你好 world"
 
 

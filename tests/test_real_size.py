@@ -235,7 +235,7 @@ QWEN_PARAMETERS = {"qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360}  # pu
 def test_qwen_salmonn_builds_on_meta_with_the_published_llm_size(real_configs, tmp_path, name):
     """The same connector and LoRA on Qwen2.5-7B / Qwen3-8B: their config's architecture (Qwen2 with q/k/v biases,
     Qwen3 with q/k norms), their chat template, and the memory plan counting exactly what was built."""
-    import memory_plan as mp
+    from tools import memory_plan as mp
 
     folders = {**real_configs, **write_config_folders(tmp_path, (name,))}
     model = build_on_meta(folders, name)
@@ -320,7 +320,8 @@ def test_the_real_size_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     assets.mkdir()
     tiny = ROOT / "assets/tiny"
     for name, target in ((WHISPER_FOLDER, tiny / "whisper_5s"), (VICUNA_FOLDER["7b"], tiny / "llama"),
-                         (f"{BEATS_FILE}.pt", tiny / "beats.pt"), (RELEASED_CHECKPOINT["7b"], tiny / "salmonn_tiny.pth")):
+                         (f"{BEATS_FILE}.pt", tiny / "beats.pt"),
+                         (RELEASED_CHECKPOINT["7b"], tiny / "salmonn_tiny.pth")):
         (assets / name).symlink_to(target)
     args = ["--assets", str(assets), "--cfg-path", str(ROOT / "configs/demo.yaml"), "--out", str(tmp_path / "out"),
             "--new-tokens", "3"]

@@ -48,7 +48,8 @@ def corpus_options(corpus: Path, output_dir: Path, **run: object) -> list[str]:
     """Options for a small, fast run of configs/demo.yaml on `corpus` (override run keys with **run)."""
     settings = {"output_dir": str(output_dir), "num_workers": 0, "batch_size_train": 2, "batch_size_eval": 2,
                 "epoch_based": False, "iters_per_epoch": 3, "valid_decode_samples": 0, "best_metric": "acc",
-                "best_metric_mode": "max", "save_every_steps": 0, "keep_last": 2, "nonfinite_loss": "stop", "log_freq": 1, "optims.max_epoch": 2, "optims.warmup_steps": 2,
+                "best_metric_mode": "max", "save_every_steps": 0, "keep_last": 2, "nonfinite_loss": "stop",
+                "log_freq": 1, "optims.max_epoch": 2, "optims.warmup_steps": 2,
                 "optims.init_lr": 1e-3, "optims.min_lr": 1e-4}
     settings.update({k.replace("__", "."): v for k, v in run.items()})
     return [f"datasets.train_ann_path={corpus / 'train.json'}", f"datasets.valid_ann_path={corpus / 'valid.json'}",

@@ -84,7 +84,8 @@ def test_alignment_check_decodes_the_asr_samples_again_with_silenced_audio(corpu
 
     def spy(self, split, limit=0):
         dataset = self.datasets[split]
-        decoded[split] = [all(not np.any(clip) for clip in dataset[i]["clips"]) for i in range(min(limit, len(dataset)))]
+        decoded[split] = [all(not np.any(clip) for clip in dataset[i]["clips"])
+                          for i in range(min(limit, len(dataset)))]
         return plain_decode(self, split, limit)
 
     monkeypatch.setattr(runner.Runner, "decode", spy)

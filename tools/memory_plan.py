@@ -138,7 +138,7 @@ class Lora:
 
 
 @dataclass(frozen=True)
-class Salmonn:
+class SalmonnShapes:
     llm: Llm
     whisper: Whisper
     beats: Beats | None
@@ -163,7 +163,7 @@ class Salmonn:
     @classmethod
     def from_configs(cls, model_cfg: Mapping[str, Any], llama_cfg: Mapping[str, Any],
                      whisper_cfg: Mapping[str, Any], clip_seconds: float,
-                     beats_cfg: Mapping[str, Any] | None) -> "Salmonn":
+                     beats_cfg: Mapping[str, Any] | None) -> "SalmonnShapes":
         """From the YAML `model:` section (defaults filled) and the three encoders' configs."""
         lora = (Lora(model_cfg["lora_rank"], tuple(model_cfg["lora_target_modules"]), model_cfg["lora_dropout"])
                 if model_cfg["lora"] else None)
@@ -175,16 +175,16 @@ class Salmonn:
                    model_cfg["second_per_window"], model_cfg["second_stride"], model_cfg["torch_dtype"])
 
 
-def released_shape(llm: str) -> Salmonn:
+def released_shape(llm: str) -> SalmonnShapes:
     """SALMONN-13B (salmonn_v1.pth) or -7B (salmonn_7b_v0.pth) as released, or the same SALMONN on a Qwen LLM
-    (qwen2.5-7b, qwen3-8b): tools/real_size.py's configs and config.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers;
+    (qwen2.5-7b, qwen3-8b): tools/real_size.py's configs and models.MODEL_DEFAULTS (Q-Former 768 wide, 2 layers;
     LoRA rank 8 on q_proj, v_proj), bf16 frozen weights."""
-    from config import MODEL_DEFAULTS
+    from models import MODEL_DEFAULTS
     from tools.real_size import BEATS_CPT2, LLMS, WHISPER_FEATURES, WHISPER_LARGE_V2  # (imports torch)
 
     if llm not in LLMS:
         raise ValueError(f"unknown LLM {llm!r}: one of {', '.join(LLMS)}")
-    return Salmonn.from_configs({**MODEL_DEFAULTS, "torch_dtype": "bfloat16"}, LLMS[llm], WHISPER_LARGE_V2,
+    return SalmonnShapes.from_configs({**MODEL_DEFAULTS, "torch_dtype": "bfloat16"}, LLMS[llm], WHISPER_LARGE_V2,
                                 WHISPER_FEATURES["chunk_length"], BEATS_CPT2)
 
 
@@ -248,11 +248,11 @@ def qformer_parameters(q: Qformer, encoder_width: int) -> int:
     return 2 * h + q.layers * (attention + cross + ffn)
 
 
-def encoder_width(s: Salmonn) -> int:
+def encoder_width(s: SalmonnShapes) -> int:
     return s.whisper.width + (s.beats.width if s.beats else 0)
 
 
-def trained_parameters(s: Salmonn) -> dict[str, int]:
+def trained_parameters(s: SalmonnShapes) -> dict[str, int]:
     """What trains in the released recipe: Q-Former + query tokens, the two layer norms on the encoder outputs,
     the projection to the LLM and the LoRA."""
     return {
@@ -263,12 +263,12 @@ def trained_parameters(s: Salmonn) -> dict[str, int]:
     }
 
 
-def frozen_parameters(s: Salmonn) -> dict[str, int]:
+def frozen_parameters(s: SalmonnShapes) -> dict[str, int]:
     return {"whisper": whisper_parameters(s.whisper), "beats": beats_parameters(s.beats) if s.beats else 0,
             "llm": llm_parameters(s.llm)}
 
 
-def frozen_weight_bytes(s: Salmonn) -> int:
+def frozen_weight_bytes(s: SalmonnShapes) -> int:
     frozen = frozen_parameters(s)
     weights = DTYPE_BYTES[s.weights_dtype]
     return weights * (frozen["whisper"] + frozen["llm"]) + DTYPE_BYTES[s.beats_dtype] * frozen["beats"]
@@ -349,20 +349,20 @@ class Layout:
     beats_seconds: float  # BEATs' input length per clip (clips are padded to the batch's longest)
 
 
-def kept_windows(s: Salmonn, seconds: float) -> int:
+def kept_windows(s: SalmonnShapes, seconds: float) -> int:
     """Windows holding a clip's audio (SALMONN.num_windows): ceil(frames / stride), 1 to windows_per_clip."""
     fps = s.whisper.frames / s.whisper.clip_seconds
     frames = math.ceil(round(seconds * SAMPLE_RATE) * fps / SAMPLE_RATE)
     return min(max(math.ceil(frames / s.window[1]), 1), s.windows_per_clip)
 
 
-def turn_clips(s: Salmonn, seconds: float) -> list[float]:
+def turn_clips(s: SalmonnShapes, seconds: float) -> list[float]:
     """Durations of the clips a turn is split into (dataset_v1.split_clips: 30 s each, the last >= 1 s)."""
     full, rest = divmod(seconds, s.whisper.clip_seconds)
     return [s.whisper.clip_seconds] * int(full) + ([max(rest, 1.0)] if rest > 1e-9 or not full else [])
 
 
-def layout(s: Salmonn, d: Dialogue) -> Layout:
+def layout(s: SalmonnShapes, d: Dialogue) -> Layout:
     q, per_clip = s.qformer.queries, s.windows_per_clip
     if d.mode in ("per_turn", "per_turn_trimmed"):
         clips = [c for t in d.turn_seconds for c in turn_clips(s, t)]
@@ -459,7 +459,7 @@ def logits_bytes(llm: Llm, tokens: int, copies: int) -> int:
     return 4 * copies * tokens * llm.vocab
 
 
-def speech_saved_bytes(s: Salmonn, p: Precision, clips: int, windows: int, patches: int) -> int:
+def speech_saved_bytes(s: SalmonnShapes, p: Precision, clips: int, windows: int, patches: int) -> int:
     """What autograd keeps of the trained speech side for `clips` clips, `windows` Q-Former windows in all and
     `patches` BEATs patches per clip (counted with saved_tensors_hooks on SALMONN.encode_speech). H is the
     Q-Former width, I its feed-forward width, D = Dw + Db the encoder channels, a its matmul bytes (2 under
@@ -572,7 +572,7 @@ TRAINED, GRADIENTS, ADAMW = "trained tensors fp32", "gradients fp32", "AdamW exp
 AUTOCAST_COPIES = "autocast's bf16 copies of the trained weights"
 
 
-def _static_training(s: Salmonn, p: Precision, checkpointing: bool, gpus: int, strategy: str) -> dict[str, int]:
+def _static_training(s: SalmonnShapes, p: Precision, checkpointing: bool, gpus: int, strategy: str) -> dict[str, int]:
     """Weights and optimizer state on each GPU."""
     trained = sum(trained_parameters(s).values())
     frozen = frozen_weight_bytes(s)
@@ -608,7 +608,7 @@ def llm_kept_name(checkpointing: bool) -> str:
     return f"LLM {'decoder-layer inputs (checkpointing)' if checkpointing else 'decoder layers'} kept for backward"
 
 
-def training_plan(s: Salmonn, d: Dialogue, batch: int = 1, checkpointing: bool = False, gpus: int = 1,
+def training_plan(s: SalmonnShapes, d: Dialogue, batch: int = 1, checkpointing: bool = False, gpus: int = 1,
                   strategy: str = "ddp", precision: Precision = GPU_BF16, title: str = "") -> Plan:
     """Peak memory of one training micro-batch of `batch` dialogues like `d` on each GPU (DDP: every GPU holds
     everything for its own batch; FSDP: weights and optimizer state sharded over `gpus`)."""
@@ -656,7 +656,7 @@ def training_plan(s: Salmonn, d: Dialogue, batch: int = 1, checkpointing: bool =
                 gpu=p.device == "cuda")
 
 
-def inference_plan(s: Salmonn, d: Dialogue, batch: int = 1, beams: int = 4, answer_tokens: int = 200,
+def inference_plan(s: SalmonnShapes, d: Dialogue, batch: int = 1, beams: int = 4, answer_tokens: int = 200,
                    precision: Precision = GPU_BF16, title: str = "") -> Plan:
     """Peak memory of generating `answer_tokens` for `batch` samples like `d` with `beams` beams on one GPU."""
     p, llm = precision, s.llm
@@ -697,7 +697,7 @@ def inference_plan(s: Salmonn, d: Dialogue, batch: int = 1, beams: int = 4, answ
 
 def predict_cpu_step(llm: str = "7b", turn_seconds: Sequence[float] = (4.0,) * 5, mode: str = "per_turn",
                      batch: int = 1, checkpointing: bool = False, text_tokens: int | None = None,
-                     answer_tokens: int = ANSWER_TOKENS, shape: Salmonn | None = None) -> Plan:
+                     answer_tokens: int = ANSWER_TOKENS, shape: SalmonnShapes | None = None) -> Plan:
     """A training step of the bf16 recipe on CPU (`run.precision: auto`: no autocast; CPU dropout masks), to set
     beside a measured resident-set growth: no CUDA context, no allocator slack, and of the items only the
     weights, the trained state (tensors, gradients, AdamW) and what the step keeps for its backward (speech

@@ -1,8 +1,8 @@
 """The shapes of the real models SALMONN is built from, as config files: whisper-large-v2, BEATs iter3+ AS2M cpt2,
 Vicuna-7B v1.5 and Vicuna-13B v1.1 (the released checkpoints' LLMs), and the newer LLMs users switch to:
-Qwen2.5-7B-Instruct and Qwen3-8B (their published config.json values). One home for these numbers: the meta-device checks (tests/test_real_size.py),
-the random-weight artifacts of the real size (scripts/make_real_shape_assets.py), the memory plan and the GPU check
-all read them from here.
+Qwen2.5-7B-Instruct and Qwen3-8B (their published config.json values). One home for these numbers: the
+meta-device checks (tests/test_real_size.py), the random-weight artifacts of the real size
+(scripts/make_real_shape_assets.py), the memory plan and the GPU check all read them from here.
 
 `write_config_folders` writes folders that `model.random_init: true` builds from (configs only, no weights). A real
 LLaMA tokenizer cannot be had offline: theirs is a 32,000-piece byte-fallback BPE trained on pseudo-words, so that
@@ -107,7 +107,7 @@ def write_config_folders(root: Path, sizes: tuple[str, ...] = ("7b", "13b")) -> 
 
 
 def released_model_config(folders: dict[str, Path], size: str) -> dict:
-    """The `model:` section of the released setting at this size (config.MODEL_DEFAULTS: Q-Former 768/2/12/3072,
+    """The `model:` section of the released setting at this size (models.MODEL_DEFAULTS: Q-Former 768/2/12/3072,
     LoRA 8 on q_proj, v_proj), built from `folders` with random weights in bf16 (for a Qwen LLM: the same
     connector and LoRA, aligned to nothing yet)."""
     return dict(llm_path=str(folders[size]), whisper_path=str(folders["whisper"]),
