@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models import MODEL_DEFAULTS
+from models import MODEL_DEFAULTS, llm_path_of, model_settings
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "valid_decode_samples": 0,  # decode this many validation samples and score them with metrics.py
         "alignment_check": True,  # ASR samples among them are decoded again with their audio silenced
                                   # (silenced/<task>/<lang>/wer|cer): an unaligned connector scores the same
-        "best_metric": "acc",  # a validation metric name: loss, acc, or a decode metric (e.g. wer)
+        "best_metric": "acc",  # a validation metric: loss, acc, or a decode score `<task>/<lang>/<metric>` (asr/en/wer)
         "best_metric_mode": "max",  # max | min
         "save_every_steps": 0,  # 0 = checkpoint at the end of each epoch only
         "keep_last": 2,  # step/epoch checkpoints kept besides checkpoint_best.pth
@@ -348,26 +348,30 @@ def config_to_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
 def section_defaults(section: str, given: Any = None) -> dict[str, Any]:
     """A section's defaults with the keys of `given` (a mapping, possibly partial) on top: for code that takes one
     section without going through load_config (tests, library callers)."""
-    defaults = MODEL_DEFAULTS if section == "model" else SCHEMA[section]
+    if section == "model":
+        try:
+            return model_settings(given)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     given = {} if given is None else dict(given)
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(given) - set(SCHEMA[section]))
     if unknown:
         raise ConfigError(f"unknown {section} key(s): {', '.join(unknown)}")
-    filled = {**defaults, **given}
-    return with_llm_path(filled) if section == "model" else with_prefix(filled) if section == "datasets" else filled
+    filled = {**SCHEMA[section], **given}
+    return with_prefix(filled) if section == "datasets" else filled
 
 
 def with_llm_path(model: dict[str, Any], required: bool = False) -> dict[str, Any]:
     """The model section with `llm_path` taken from `llama_path` (the original's name for it) when only that is
     given: the code reads llm_path alone."""
-    llm, llama = model.get("llm_path") or "", model.get("llama_path") or ""
-    if llm and llama and llm != llama:
-        raise ConfigError(f"model.llm_path ({llm!r}) and model.llama_path, its original name ({llama!r}), name "
-                          "different folders: give one of them")
-    if required and not (llm or llama):
+    try:
+        llm = llm_path_of(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if required and not llm:
         raise ConfigError("required config key `model.llm_path` is missing (the LLM folder; `model.llama_path` in "
                           "the original's configs)")
-    return {**model, "llm_path": llm or llama, "llama_path": ""}
+    return {**model, "llm_path": llm, "llama_path": ""}
 
 
 def with_prefix(datasets: dict[str, Any]) -> dict[str, Any]:

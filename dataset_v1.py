@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 MIN_CLIP_SAMPLES = SAMPLE_RATE  # shorter clips are zero-padded, as the original (BEATs needs a few frames)
 EXPAND_WAV_GAP_SAMPLES = 1600  # the original's silence between `expand_wav` files
-BATCH_LIST_KEYS = ("prompt", "text", "task", "Q", "id", "language", "emotions")
+BATCH_LIST_KEYS = ("prompt", "target", "task", "Q", "id", "language", "emotions")
 
 
 class AudioError(ValueError):
@@ -389,9 +389,9 @@ class SalmonnDataset(Dataset):
         prompt = choose_prompt(self.prompts, prompt_key(self.prompts, entry["task"], language),
                                entry.get("Q", ""), rng)
         sample_id = entry.get("id", entry["path"])
-        return {"clips": clips, "slots": [list(range(len(clips)))], "text": entry["text"], "task": entry["task"],
-                "Q": entry.get("Q", ""), "id": sample_id, "language": language, "emotions": [],
-                **tokenised(self.text, conversation(prompt, None, language, False), entry["text"], sample_id)}
+        return sample(self.text, conversation(prompt, None, language, False), clips, [list(range(len(clips)))],
+                      target=entry["text"], task=entry["task"], question=entry.get("Q", ""), sample_id=sample_id,
+                      language=language, emotions=[])
 
     def dialogue_item(self, entry: dict, rng: random.Random | None) -> dict:
         wavs = [load_audio(p) for p in audio_paths(entry)]
@@ -406,10 +406,9 @@ class SalmonnDataset(Dataset):
             clips, slots = (packed_clips(wavs, *self.packed_layout) if self.turn_mode == "packed"
                             else per_turn_clips(wavs, self.max_clip_samples))
             messages = conversation(prompt, self.turn_texts(entry["turns"]), language, self.text.uses_chat_template)
-        return {"clips": clips, "slots": slots, "text": entry["text"], "task": entry["task"],
-                "Q": entry.get("Q", ""), "id": entry["id"], "language": language,
-                "emotions": [turn.get("emotion", "") for turn in entry["turns"]],
-                **tokenised(self.text, messages, entry["text"], entry["id"])}
+        return sample(self.text, messages, clips, slots, target=entry["text"], task=entry["task"],
+                      question=entry.get("Q", ""), sample_id=entry["id"], language=language,
+                      emotions=[turn.get("emotion", "") for turn in entry["turns"]])
 
     def turn_texts(self, turns: list[dict]) -> list[TurnText]:
         """What text each turn shows besides its speech, per `text_inputs`."""
@@ -440,17 +439,22 @@ def per_turn_clips(wavs: list[np.ndarray], max_samples: int) -> tuple[list[np.nd
     return clips, slots
 
 
-def tokenised(text: ChatText, messages: list[dict[str, str]], target: str, sample_id: str) -> dict[str, Any]:
-    """A sample's conversation rendered by the LLM's template and tokenised: the prompt text (kept for the
-    records), its ids, the positions of its speech slots and the target's ids (cut at max_txt_len, with a
-    warning, keeping its end token)."""
+def sample(text: ChatText, messages: list[dict[str, str]], clips: list[np.ndarray], slots: list[list[int]], *,
+           target: str, task: str, question: str, sample_id: str, language: str, emotions: list[str]
+           ) -> dict[str, Any]:
+    """One sample as every reader builds it (an original-format clip, a dialogue, make_batch): its clips and
+    speech slots, what it asks and must answer, and its conversation rendered by the LLM's template and tokenised:
+    the prompt text (kept for the records), its ids, the positions of its speech slots and the target's ids (cut
+    at max_txt_len, with a warning, keeping its end token)."""
     prompt = text.render(messages)
     prompt_ids, slot_positions = text.prompt_ids(prompt)
     target_ids, cut = text.target_ids(target)
     if cut:
         log.warning("%s: target cut to model.max_txt_len=%d tokens (its end token kept): '%s...'", sample_id,
                     text.max_txt_len, target[:60])
-    return {"prompt": prompt, "prompt_ids": prompt_ids, "target_ids": target_ids, "slot_positions": slot_positions}
+    return {"clips": clips, "slots": slots, "target": target, "task": task, "Q": question, "id": sample_id,
+            "language": language, "emotions": emotions, "prompt": prompt, "prompt_ids": prompt_ids,
+            "target_ids": target_ids, "slot_positions": slot_positions}
 
 
 def check_prompts_cover(annotation: list[dict], prompts: dict[str, list[str]], per_turn: bool) -> None:
@@ -561,7 +565,6 @@ def make_batch(wav_paths: list[str], prompt: str, feature_extractor: WhisperFeat
         question, messages = prompt, question_messages(prompt, len(wav_paths), language, text.uses_chat_template)
     clips, slots = per_turn_clips([load_audio(p) for p in wav_paths], feature_extractor.n_samples)
     sample_id = "+".join(map(str, wav_paths))
-    item = {"clips": clips, "slots": slots, "spectrogram": log_mel(clips, feature_extractor), "text": "",
-            "task": task, "Q": question, "id": sample_id, "language": language, "emotions": [],
-            **tokenised(text, messages, "", sample_id)}
-    return collate([item])
+    item = sample(text, messages, clips, slots, target="", task=task, question=question, sample_id=sample_id,
+                  language=language, emotions=[])
+    return collate([{**item, "spectrogram": log_mel(clips, feature_extractor)}])

@@ -179,7 +179,8 @@ def run_packaging(args: argparse.Namespace) -> int:
         raise ConfigError("--from-predictions needs --ann (the annotation the predictions were decoded from) and "
                           "--submission-dir (the new package folder)")
     cfg = load_config(args.cfg_path or DEFAULT_CFG_PATHS, args.options)
-    return package(read_predictions(args.from_predictions), read_annotation(args.ann), Path(args.submission_dir),
+    entries = read_annotation(args.ann, blind_ok=True, check_audio=False)  # the package needs no audio
+    return package(read_predictions(args.from_predictions), entries, Path(args.submission_dir),
                    cfg.submission.tts_command)
 
 

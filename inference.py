@@ -208,7 +208,7 @@ def prediction_record(batch: dict[str, Any], index: int, prediction: str, scorer
     """One line of predictions.jsonl: what was asked, what the model answered and what it is scored against,
     with what the scorer read from the answer (Scorer.readings), so a score can be checked line by line."""
     record = {"id": batch["id"][index], "task": batch["task"][index], "language": batch["language"][index],
-              "prompt": batch["prompt"][index], "prediction": prediction, "reference": batch["text"][index],
+              "prompt": batch["prompt"][index], "prediction": prediction, "reference": batch["target"][index],
               "emotions": batch["emotions"][index]}
     return {**record, **scorer.readings(record)}
 

@@ -69,6 +69,7 @@ def canonical_emotion(label: str) -> str:
 
 
 # CJK ideographs: the unified block, extension A and the compatibility block.
+WRITTEN_LANGUAGES = ("zh", "en")  # what written_language tells apart
 CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 CJK_CHARACTER = re.compile(f"[{CJK_RANGES}]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
@@ -258,9 +259,9 @@ def language_match(answers: list[str], languages: list[str]) -> float:
         raise ValueError(f"{len(answers)} answers but {len(languages)} languages")
     if not answers:
         raise ValueError("no answers to score")
-    unknown = set(languages) - {"zh", "en"}
+    unknown = set(languages) - set(WRITTEN_LANGUAGES)
     if unknown:
-        raise ValueError(f"unknown languages {sorted(unknown)}; expected 'zh' or 'en'")
+        raise ValueError(f"unknown languages {sorted(unknown)}; expected one of {', '.join(WRITTEN_LANGUAGES)}")
     return 100.0 * sum(written_language(a) == lang for a, lang in zip(answers, languages)) / len(answers)
 
 

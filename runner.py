@@ -198,7 +198,7 @@ def _every(step: int, period: int) -> bool:
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:
-    return len(batch["text"])
+    return len(batch["id"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The SALMONN model (salmonn.py) and its parts. The facts of the model's input and the `model:` section's
 defaults live here, light to import (the standard library only): config.py checks YAMLs against them."""
+from collections.abc import Mapping
 from typing import Any
 
 SAMPLE_RATE = 16_000  # Hz: what Whisper's feature extractor and BEATs take; every clip is resampled to it
@@ -47,3 +48,24 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     low_resource=False,  # the original's 8-bit LLaMA: refused (use torch_dtype)
     torch_dtype="float32",  # dtype of the frozen Whisper, BEATs and LLaMA weights; trained tensors stay fp32
 )
+
+
+def llm_path_of(model: Mapping[str, Any]) -> str:
+    """`llm_path`, or `llama_path` (the original's name for it) when only that is given; ValueError when the two
+    name different folders."""
+    llm, llama = model.get("llm_path") or "", model.get("llama_path") or ""
+    if llm and llama and llm != llama:
+        raise ValueError(f"model.llm_path ({llm!r}) and model.llama_path, its original name ({llama!r}), name "
+                         "different folders: give one of them")
+    return llm or llama
+
+
+def model_settings(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `model:` section SALMONN takes: MODEL_DEFAULTS under the keys given, with `llm_path` read from
+    `llama_path` when only that is given (the code reads llm_path alone). ValueError for an unknown key."""
+    given = {} if given is None else dict(given)
+    unknown = sorted(set(given) - set(MODEL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown model key(s): {', '.join(unknown)}")
+    filled = {**MODEL_DEFAULTS, **given}
+    return {**filled, "llm_path": llm_path_of(filled), "llama_path": ""}

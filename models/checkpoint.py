@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from config import section_defaults
+from models import model_settings
 from models.llm import llm_folder
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def beats_missing(path: str | Path) -> str:
 def check_model_files(cfg: Mapping[str, Any]) -> None:
     """The folders and files the `model:` section names exist, or FileNotFoundError saying what to download where:
     a script checks this before it reads any data or weights, so a job on a machine without them stops at once."""
-    cfg = section_defaults("model", cfg)
+    cfg = model_settings(cfg)
     require_dir(cfg["whisper_path"], *WHISPER_FOLDER)
     llm_folder(cfg["llm_path"])
     if cfg["beats_path"] and not Path(cfg["beats_path"]).is_file():

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, GenerationConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from config import section_defaults
-from models import SAMPLE_RATE, window_frames
+from models import SAMPLE_RATE, model_settings, window_frames
 from models.beats import BEATs
 from models.checkpoint import (WHISPER_FOLDER, beats_missing, copy_checked, load_checkpoint, require_dir,
                                to_original_name)
@@ -48,7 +47,7 @@ class WhisperEncoderOnly(WhisperEncoder):
 class SALMONN(nn.Module):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
-        cfg = section_defaults("model", cfg)
+        cfg = model_settings(cfg)
         self.cfg = cfg
         if cfg["low_resource"]:
             raise ValueError("model.low_resource (8-bit LLM via bitsandbytes) is not supported; "

@@ -154,7 +154,7 @@ def test_collater_shapes_padding_masks_and_slot_offsets(tmp_path, feature_extrac
     assert batch["speech_slots"] == [[[0], [1], [2]], [[3], [4], [5], [6]]]
     assert batch["id"] == ["a", "b"] and batch["task"] == ["emotional_trajectory"] * 2
     assert batch["emotions"] == [["sad", "happy", "anger"], ["sad", "happy", "anger", "fear"]]
-    assert batch["language"] == ["en", "en"] and batch["text"][0].startswith("You started")
+    assert batch["language"] == ["en", "en"] and batch["target"][0].startswith("You started")
     assert [p.count(SPEECH_SLOT) for p in batch["prompt"]] == [3, 4]
 
 

@@ -107,3 +107,11 @@ def test_the_judge_prompts_cover_the_task_table():
 def test_package_names_round_trip_through_the_task_table():
     for name in TASKS:
         assert task_from_name(Path("zh") / package_file_name(name)) == name
+
+
+@pytest.mark.parametrize("path", [p for p in ENGINE if p.startswith("models/")])
+def test_the_model_package_imports_only_itself(path):
+    """models/ is the bottom floor with its own defaults (models.MODEL_DEFAULTS): a config or a script above it
+    never feeds back into it."""
+    bad = {m for m in first_party(path) if m.split(".")[0] != "models"}
+    assert not bad, f"{path} imports {sorted(bad)}"

@@ -29,7 +29,7 @@ def test_silencing_zeroes_the_audio_and_keeps_everything_else():
     a, b = collate([heard[0], heard[1]]), collate([silenced[0], silenced[1]])
     assert a["raw_wav"].abs().sum() > 0 and bool((b["raw_wav"] == 0).all())
     assert torch.equal(a["padding_mask"], b["padding_mask"])  # same lengths, so the same number of speech tokens
-    assert a["prompt"] == b["prompt"] and a["text"] == b["text"] and a["speech_slots"] == b["speech_slots"]
+    assert a["prompt"] == b["prompt"] and a["target"] == b["target"] and a["speech_slots"] == b["speech_slots"]
     lengths = (~b["padding_mask"]).sum(-1).tolist()
     zeros = log_mel([np.zeros(n, dtype=np.float32) for n in lengths], silenced.feature_extractor)
     assert torch.equal(b["spectrogram"], torch.from_numpy(zeros))
