@@ -5,7 +5,7 @@
     python evaluate.py --cfg-path configs/config.yaml --cfg-path configs/decode_config.yaml \\
         --options model.ckpt=outputs/finetune_humdial/checkpoint_best.pth --batch-size 8
     python evaluate.py --validate outputs/demo/eval_test/submission_emotional_trajectory.csv \\
-        --ann data/demo/ann/test.json
+        --ann data/demo/ann/test.json --task emotional_trajectory
     python evaluate.py --judge-url http://localhost:8000/v1 --judge-model NAME    # decode, then the LLM judge
     python evaluate.py --judge outputs/demo/eval_test/predictions.jsonl --ann data/demo/ann/test.json \\
         --judge-url http://localhost:8000/v1 --judge-model NAME                   # judge only (no model load)
