@@ -304,6 +304,17 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, Any]]:
     return lines
 
 
+
+def jsonl_values(path: str | os.PathLike) -> list[Any]:
+    """The values of a JSONL file (read_jsonl), for readers that stop at the first bad line: it is a JsonlError
+    naming the file and line."""
+    values = []
+    for _, value in read_jsonl(path):
+        if isinstance(value, JsonlError):
+            raise value
+        values.append(value)
+    return values
+
 def plain_name_problem(value: object) -> str | None:
     """Why a dialogue id, turn id, language or output name cannot name a file inside a folder (None when it can):
     they become parts of output paths, so a path separator, `..` or nothing would write outside the folder."""

@@ -32,6 +32,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models import SAMPLE_RATE
 from models.beats import random_beats_checkpoint
+from utils import jsonl_values
 
 ROOT = Path(__file__).resolve().parents[1]
 WHISPER_FRAMES_PER_SECOND = 50  # encoder frames: 1500 per 30 s
@@ -46,8 +47,8 @@ def tokenizer_corpus() -> list[str]:
     lines = (ROOT / "assets/tiny/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
     lines += json.loads((ROOT / "assets/tiny/tokenizer_prompts.json").read_text(encoding="utf-8"))
     for jsonl in sorted((ROOT / "data/demo").glob("*.jsonl")):
-        for line in jsonl.read_text(encoding="utf-8").splitlines():
-            for turn in json.loads(line)["turns"]:
+        for dialogue in jsonl_values(jsonl):
+            for turn in dialogue["turns"]:
                 lines += [turn.get("text", ""), turn.get("response_text", turn.get("response_txt", ""))]
     return [line for line in lines if line.strip()]
 

@@ -22,20 +22,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import sys
 from pathlib import Path
 
 from humdial.trajectory import TrajectoryScores, emotion_trajectory_scores
 from metrics import EMOTIONS
 from tools.demo_answers import LABEL_WORDS
+from utils import jsonl_values
 
 FIXED_ANSWER = "你先是{}，后来{}，最后平静了下来。"
 
 
 def load_dialogues(path: Path) -> list[dict]:
     """The file's dialogues, one JSON object a line (blank lines skipped)."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return jsonl_values(path)
 
 
 def half_of(dialogue_id: str) -> str:
