@@ -97,27 +97,29 @@ def audio_seconds(path: str | os.PathLike) -> float:
     """Duration of an audio file from its header, nothing decoded: the cheap check that a file is usable audio
     (missing, unreadable, empty or truncated files raise AudioError naming the file), done before a model is
     loaded."""
-    problem = audio_problem(Path(path))
-    if problem:
-        raise AudioError(problem)
-    info = sf.info(str(path))
+    if not os.path.isfile(path):
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioError(f"cannot read audio file {path}: {e}") from e
+    if info.frames == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    if wav_truncation(info):
+        raise AudioError(f"audio file is truncated: {path} ({wav_truncation(info)})")
     return info.frames / info.samplerate
 
 
 def audio_problem(path: Path, read_samples: bool = False) -> str | None:
-    """What is wrong with an audio file (missing, unreadable, no samples, truncated; with read_samples also
-    undecodable or non-finite samples), or None."""
-    if not path.is_file():
-        return f"audio file not found: {path}"
+    """What is wrong with an audio file (audio_seconds' checks; with read_samples also undecodable or non-finite
+    samples), or None: for readers that report every bad file rather than stop at the first."""
     try:
-        info = sf.info(str(path))
+        audio_seconds(path)
         samples = sf.read(str(path), dtype="float32")[0] if read_samples else None
+    except AudioError as e:
+        return str(e)
     except (sf.LibsndfileError, RuntimeError) as e:
         return f"cannot read audio file {path}: {e}"
-    if info.frames == 0:
-        return f"audio file has no samples: {path}"
-    if wav_truncation(info):
-        return f"audio file is truncated: {path} ({wav_truncation(info)})"
     if samples is not None and not np.isfinite(samples).all():
         return f"audio file has non-finite samples (NaN or inf): {path}"
     return None

@@ -85,7 +85,7 @@ def test_a_list_of_annotation_files_is_one_split(tmp_path, audio_root):
                              "prompt_path": str(ROOT / "prompts/train_prompt.json")})
     assert [e["text"] for e in dataset.annotation] == ["one", "two", "three"]
     assert [e["ann_file"] for e in dataset.annotation] == [str(first), str(second), str(second)]
-    assert dataset[2]["text"] == "three" and dataset[2]["spectrogram"].shape[0] == 1
+    assert dataset[2]["target"] == "three" and dataset[2]["spectrogram"].shape[0] == 1
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
