@@ -195,17 +195,18 @@ def text_pairs(asr_train: Path, dialogs: list[dict], chat_template: bool) -> lis
     return pairs
 
 
-def warm_up_llm(source: Path, target: Path, dialogs: list[dict], asr_train: Path, steps: int, threads: int,
-                seed: int = 0) -> Path:
+def warm_up_llm(source: Path, target: Path, pairs: list[tuple[list[dict[str, str]], str]], steps: int,
+                seed: int = 0, threads: int = 0) -> Path:
     """The LLM folder with its weights trained `steps` steps on the text pairs (next-token loss on the answers),
-    saved with the source's tokenizer files at `target`."""
+    saved with the source's tokenizer files at `target`. `threads`: torch's threads (0: as it is)."""
     if (target / "model.safetensors").is_file():
         return target
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text = ChatText(source)
     rows = []
-    for messages, answer in text_pairs(asr_train, dialogs, text.uses_chat_template):
+    for messages, answer in pairs:
         prompt, _ = text.prompt_ids(text.render(messages))
         rows.append((prompt, text.target_ids(answer)[0]))
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).train()
@@ -241,7 +242,9 @@ def warm_up_all(names: list[str], out: Path, dialogs: list[dict], asr_train: Pat
     """`warm_up_llm` for each LLM, side by side in processes of their own (the cores split between them)."""
     threads = max(1, (os.cpu_count() or 1) // len(names))
     with ProcessPoolExecutor(len(names), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {name: pool.submit(warm_up_llm, LLMS[name], out / f"llm_{name}", dialogs, asr_train, steps, threads)
+        jobs = {name: pool.submit(warm_up_llm, LLMS[name], out / f"llm_{name}",
+                                  text_pairs(asr_train, dialogs, ChatText(LLMS[name]).uses_chat_template), steps,
+                                  threads=threads)
                 for name in names}
         return {name: job.result() for name, job in jobs.items()}
 
