@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llms", nargs="+", choices=list(LLMS), default=list(LLMS))
     ap.add_argument("--num-dialogues", type=int, default=400, help="Task 1 dialogues of the fine-tune corpus")
     ap.add_argument("--num-test", type=int, default=80, help="of which held-out test dialogues")
-    ap.add_argument("--warmup-steps", type=int, default=600, help="text warm-up steps of each tiny LLM")
+    ap.add_argument("--warmup-steps", type=int, default=300, help="text warm-up steps of each tiny LLM")
     ap.add_argument("--stage1-steps", type=int, default=3000)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=600)
