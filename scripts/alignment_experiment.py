@@ -6,19 +6,27 @@ an unaligned connector and with the audio silenced (docs/alignment_experiment.md
     python -m scripts.alignment_experiment --llms qwen --stage1-steps 400 --finetune-steps 300   # quicker
 
 Steps (each one a plain command of this repo, printed as it runs; the two LLMs run side by side):
-1. Corpora, made here with espeak-ng: stage 1's ASR clips (the demo corpus's English and Chinese sentences,
-   each spoken by six voices; the sixth voice's clips are held out), and a HumDial-shaped Task 1 corpus
-   (`scripts/make_demo_corpus.py --tasks 1`, held-out test dialogues).
-2. Text warm-up of each tiny LLM: the tiny LLMs were never pretrained, so each first learns, from text alone, the
-   answers it will have to give (the sentences, the trajectory answers, the emotion words) after their prompts,
-   as a real LLM knows its language before any speech reaches it. Written to <out>/llm_<name>/.
+1. Corpora, made here with espeak-ng. Every sentence names how the speaker feels: one of six frames ("I feel {}
+   today.", "这个消息让我很{}。") with one of three answer words per emotion (tools.demo_answers); one frame-word
+   pair in about twelve is held out (only in test dialogues). Each clip's prosody is that of an emotion drawn
+   independently of the sentence, so the spoken words are the only emotion cue: what an ASR-aligned connector
+   carries. Stage 1's ASR clips: the training sentences in five voices per language, 24 per language in the held-out
+   sixth voice for validation. The fine-tune's HumDial Task 1 corpus: 400 dialogues (2-4 such statements, each
+   labelled with the emotion it names, then the neutral closing question; `convert.py` writes the annotations),
+   the 80 test dialogues in the held-out voice, each with a held-out sentence.
+2. Text warm-up of each tiny LLM: the tiny LLMs were never pretrained, so each first learns its tasks from text,
+   the transcript written where the speech will go (ASR: copy it; emotion recognition: the emotion it names; the
+   trajectory: the emotions of the turns' transcripts, in order), as a pretrained LLM would answer from a
+   transcript. Written to <out>/llm_<name>/; the same LLM serves every start below.
 3. Stage 1: `train.py` on the ASR clips with `model.lora: false` (the Q-Former and projection learn, the LLM is
-   frozen), validating every `--stage1-steps / 8` steps on the held-out voices with the alignment check (each
+   frozen), validating every `--stage1-steps / 8` steps on the held-out voice with the alignment check (each
    clip decoded with its audio and silenced): WER (en) and CER (zh) over the steps.
-4. The fine-tune, three ways at equal steps: from the stage-1 connector (`model.ckpt`: its LoRA starts fresh),
-   from a fresh connector, and from the stage-1 connector with every clip silenced. `evaluate.py` decodes the
-   held-out dialogues: per-turn trajectory accuracy, exact sequence, and language match (Chinese dialogues
-   answered in Chinese).
+4. The fine-tune, three ways with the same data, steps, seed and learning rate: from the stage-1 connector
+   (`model.ckpt`: its LoRA starts fresh), from a fresh connector, and from the stage-1 connector with every clip
+   silenced. Every `--finetune-steps / 6` steps it logs the teacher-forced loss and token accuracy of the test
+   dialogues' answers (a continuous measure; nothing is selected by it). `evaluate.py` decodes the test dialogues
+   with the last step's weights: per-turn trajectory accuracy, exact sequence, and language match (and Chinese
+   dialogues answered in Chinese).
 """
 from __future__ import annotations
 
@@ -374,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-dialogues", type=int, default=400, help="Task 1 dialogues of the fine-tune corpus")
     ap.add_argument("--num-test", type=int, default=80, help="of which held-out test dialogues")
     ap.add_argument("--warmup-steps", type=int, default=300, help="text warm-up steps of each tiny LLM")
-    ap.add_argument("--stage1-steps", type=int, default=3000)
+    ap.add_argument("--stage1-steps", type=int, default=800)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
-    ap.add_argument("--finetune-steps", type=int, default=600)
+    ap.add_argument("--finetune-steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="run.seed of each fine-tune")
     args = ap.parse_args(argv)
     started = time.time()
