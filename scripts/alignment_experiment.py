@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from humdial.trajectory import emotion_trajectory_scores
 from metrics import EMOTIONS, language_match
 from models.llm import IGNORE_INDEX, ChatText
 from prompting import SPEECH_SLOT, TurnText, choose_prompt, conversation, load_prompts, prompt_key
@@ -177,6 +178,37 @@ def trajectory_corpus(out: Path, num_dialogues: int, num_test: int) -> tuple[Pat
 
 
 # ---------------------------------------------------------------------------------------------- text warm-up
+def text_conversation(prompts: dict[str, list[str]], task: str, language: str, slots: list[str],
+                      chat_template: bool, rng: random.Random) -> list[dict[str, str]]:
+    """The messages of a sample as the model will see them, each speech slot holding the text given for it."""
+    prompt = choose_prompt(prompts, prompt_key(prompts, task, language), "", rng)
+    turns = [TurnText()] * len(slots) if task == "emotional_trajectory" else None
+    messages = conversation(prompt, turns, language, chat_template and turns is not None)
+    filled = iter(slots)
+    return [{**m, "content": "".join(part if i == 0 else next(filled) + part
+                                     for i, part in enumerate(m["content"].split(SPEECH_SLOT)))} for m in messages]
+
+
+def text_ceiling(llm: Path, test: list[dict]) -> dict[str, float]:
+    """The warm-up LLM alone on the test dialogues as text (each turn's transcript in its speech slot, greedy
+    decoding): what a connector that made speech read exactly like text could hand the fine-tune at its start."""
+    text = ChatText(llm)
+    model = AutoModelForCausalLM.from_pretrained(llm, local_files_only=True).eval()
+    prompts, rng, answers = load_prompts(str(ROOT / "prompts/test_prompt.json")), random.Random(0), []
+    for e in test:
+        messages = text_conversation(prompts, e["task"], e["language"], [t["transcript"] for t in e["turns"]],
+                                     text.uses_chat_template, rng)
+        prompt, _ = text.prompt_ids(text.render(messages))
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=48, do_sample=False, eos_token_id=text.stop_ids,
+                                 pad_token_id=text.pad_id)
+        answers.append(text.answer(ids[0, len(prompt):].tolist()))
+    scores = emotion_trajectory_scores([[t["emotion"] for t in e["turns"]] for e in test], answers)
+    return {"turn_accuracy": scores.turn_accuracy, "exact_match": scores.exact_match,
+            "language_match": language_match(answers, [e["language"] for e in test])}
+
+
 def text_pairs(asr_train: Path, dialogs: list[dict], chat_template: bool) -> list[tuple[list[dict[str, str]], str]]:
     """(conversation, answer) pairs of text, each prompt as the model will see it with the transcript written
     where the speech will go: the LLM learns its tasks in text (ASR: copy the slot; emotion recognition: the
@@ -186,13 +218,7 @@ def text_pairs(asr_train: Path, dialogs: list[dict], chat_template: bool) -> lis
     rng = random.Random(0)
 
     def asked(task: str, language: str, answer: str, slots: list[str]) -> tuple[list[dict[str, str]], str]:
-        prompt = choose_prompt(prompts, prompt_key(prompts, task, language), "", rng)
-        turns = [TurnText()] * len(slots) if task == "emotional_trajectory" else None
-        messages = conversation(prompt, turns, language, chat_template and turns is not None)
-        filled = iter(slots)
-        return [{**m, "content": "".join(part if i == 0 else next(filled) + part
-                                         for i, part in enumerate(m["content"].split(SPEECH_SLOT)))}
-                for m in messages], answer
+        return text_conversation(prompts, task, language, slots, chat_template, rng), answer
 
     pairs = [asked("asr", e["language"], e["text"], [e["text"]])
              for e in json.loads(asr_train.read_text())["annotation"]]
@@ -347,7 +373,8 @@ def cell(values: list[float]) -> str:
     return text if len(values) == 1 else f"{text} ({' / '.join(f'{v:.1f}' for v in values)})"
 
 
-def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], seconds: float, n_test: int) -> str:
+def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], seconds: float, n_test: int,
+           ceiling: dict[str, dict[str, float]]) -> str:
     lines = ["Stage 1 (connector only, ASR), held-out voice, last validation:", "",
              "| LLM | step | en WER audio | en WER silenced | zh CER audio | zh CER silenced |", "|---|---|---|---|---|---|"]
     for llm, curve in curves.items():
@@ -364,6 +391,10 @@ def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], sec
         lines.append(f"| {llm} | {start} | {mean([c['loss'] for c in last]):.3f} | {cell([c['acc'] for c in last])} | "
                      + " | ".join(cell([r[key] for r in rows]) for key in
                                   ("turn_accuracy", "exact_match", "language_match", "zh_language_match")) + " |")
+    lines += ["", "The warm-up LLM alone, the test dialogues as text (transcripts in the speech slots):", "",
+              "| LLM | per turn % | exact % | language match % |", "|---|---|---|---|"]
+    lines += [f"| {llm} | {c['turn_accuracy']:.1f} | {c['exact_match']:.1f} | {c['language_match']:.1f} |"
+              for llm, c in ceiling.items()]
     lines += ["", "Held-out loss over the fine-tune steps (mean over seeds):", "",
               "| LLM | start | " + " | ".join(f"step {c['step']}" for c in next(iter(ft_curves.values()))) + " |",
               "|---|---|" + "---|" * len(next(iter(ft_curves.values())))]
@@ -421,10 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     finetunes = {key: {**score(run_dir / "eval/predictions.jsonl", test),
                        "zh_language_match": zh_language_match(run_dir / "eval/predictions.jsonl")}
                  for key, run_dir in runs.items()}
-    text = report(curves, finetunes, ft_curves, args.seeds, time.time() - started, len(test))
+    ceiling = {name: text_ceiling(llms[name], test) for name in llms}
+    text = report(curves, finetunes, ft_curves, args.seeds, time.time() - started, len(test), ceiling)
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
     (out / "report.json").write_text(json.dumps(
-        {"stage1": curves, "finetune": {f"{k[0]} / {k[1]} / seed {k[2]}": {**v, "curve": ft_curves[k]}
+        {"stage1": curves, "text_ceiling": ceiling, "finetune": {f"{k[0]} / {k[1]} / seed {k[2]}": {**v, "curve": ft_curves[k]}
                                         for k, v in finetunes.items()},
          "args": vars(args), "minutes": (time.time() - started) / 60}, indent=1, ensure_ascii=False))
     plot(curves, ft_curves, out / "report.png")
