@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import sys
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,8 +49,7 @@ from metrics import EMOTIONS, language_match
 from models.llm import IGNORE_INDEX, ChatText
 from prompting import SPEECH_SLOT, TurnText, choose_prompt, conversation, load_prompts, prompt_key
 from scripts.learning_experiment import (check_held_out, dialogues, read_predictions, run, run_in_rounds,
-                                         run_together, score,
-                                         sub_dialogues, turn_samples, write_annotation)
+                                         run_together, score, sub_dialogues, turn_samples, write_annotation)
 from scripts.make_demo_corpus import PLAIN_AUDIO_FORMAT, QUESTIONS, REPLIES, make_speakers, synthesize, turn_voice
 from tools.demo_answers import ANSWER_WORDS, LABEL_WORDS, trajectory_summary
 
@@ -381,10 +380,10 @@ def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], sec
         c = curve[-1]
         lines.append(f"| {llm} | {c['step']} | {c['asr/en/wer']:.1f} | {c['silenced/asr/en/wer']:.1f} | "
                      f"{c['asr/zh/cer']:.1f} | {c['silenced/asr/zh/cer']:.1f} |")
-    lines += ["", f"Emotional-trajectory fine-tune, {n_test} held-out dialogues, last step, seeds {seeds} "
-                  "(mean, then each seed):", "",
-              "| LLM | start | held-out loss | held-out token acc % | per turn % | exact % | language match % "
-              "| zh answered in Chinese % |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", (f"Emotional-trajectory fine-tune, {n_test} held-out dialogues, last step, seeds {seeds} "
+                   "(mean, then each seed):"), "",
+              ("| LLM | start | held-out loss | held-out token acc % | per turn % | exact % | language match % "
+               "| zh answered in Chinese % |"), "|---|---|---|---|---|---|---|---|"]
     for llm, start in dict.fromkeys((k[0], k[1]) for k in finetunes):
         rows = [finetunes[llm, start, seed] for seed in seeds]
         last = [ft_curves[llm, start, seed][-1] for seed in seeds]
