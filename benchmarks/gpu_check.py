@@ -18,7 +18,8 @@ Per LLM size:
   recomputation of checkpointing is not credited), and peak memory (torch.cuda.max_memory_allocated, reset after
   the warm-up; timings synchronised);
 - inference: the measurement of benchmarks/bench_inference.py (benchmarks/common.bench_duration): TTFT and
-  TPOT at batch 1 for 10 s and 30 s of audio, answers/s at batch 4 and 16 (greedy, a forced answer length), peak memory of each batch;
+  TPOT at batch 1 for 10 s and 30 s of audio, answers/s at batch 4 and 16 (greedy, a forced answer length),
+  peak memory of each batch;
 - beside each peak, memory_plan's prediction for the same shapes (allocated bytes, docs/memory.md).
 It first checks what it needs (CUDA unless --small, free GPU memory, disk, packages) and stops with one line
 if something is missing. Results: gpu_check-<time>.json and .md in --out (never overwriting a file).

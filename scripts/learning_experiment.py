@@ -10,11 +10,12 @@ Steps (each one a plain command of this repo, printed as it runs):
    dialogues only: the dialogues; their sub-dialogues (every run of 2 or more consecutive turns, with the
    trajectory answer of those turns); recombined dialogues (one speaker's statements from several of their
    dialogues, with the trajectory answer: new label sequences, so the model must listen to each turn rather
-   than memorise sequences); and one emotion-recognition sample per turn (multi-task, as SALMONN is trained). It trains once with
-   the audio and once with `datasets.silence_audio=true` (every clip replaced by zeros of the same length: the
-   model can learn the answer's form and the label prior, not the emotions). The two runs share the cores.
+   than memorise sequences); and one emotion-recognition sample per turn (multi-task, as SALMONN is trained).
+   It trains once with the audio and once with `datasets.silence_audio=true` (every clip replaced by zeros of
+   the same length: the model can learn the answer's form and the label prior, not the emotions). The two runs
+   share the cores.
 3. `evaluate.py` decodes the held-out test dialogues of each run; emotion-trajectory accuracy (per turn and
-   exact sequence, `metrics.emotion_trajectory_scores`) is computed from its predictions.
+   exact sequence, `humdial.trajectory.emotion_trajectory_scores`) is computed from its predictions.
 """
 from __future__ import annotations
 
@@ -115,8 +116,9 @@ def sub_dialogues(dialogs: list[dict], plain_answers: bool = False) -> list[dict
             for first in range(n - length + 1):
                 turns = e["turns"][first:first + length]
                 subs.append({**e, "id": f"{e['id']}_turns{first + 1}-{first + length}", "turns": turns,
-                             "text": trajectory_summary([t["emotion"] for t in turns], e["language"], None
-                                                        if plain_answers else random.Random(f"{e['id']}:{first}:{length}"))})
+                             "text": trajectory_summary([t["emotion"] for t in turns], e["language"],
+                                                        None if plain_answers
+                                                        else random.Random(f"{e['id']}:{first}:{length}"))})
     return subs
 
 
@@ -242,7 +244,8 @@ def table(rows: dict[str, dict], chance: dict[str, float], n_test: int) -> str:
 
 def summary_table(summary: dict[str, dict]) -> str:
     """`seed_summary` as a table: mean (lowest-highest) of each score."""
-    lines = ["| mode | seeds | per turn: mean (range) | exact sequence | single turn |", "| --- | ---: | --- | --- | --- |"]
+    lines = ["| mode | seeds | per turn: mean (range) | exact sequence | single turn |",
+             "| --- | ---: | --- | --- | --- |"]
     for variant, s in summary.items():
         cells = [f"{m:.1f} % ({lo:.1f}-{hi:.1f})" for m, lo, hi in
                  (s["turn_accuracy"], s["exact_match"], s["turn_recognition"])]
@@ -272,7 +275,8 @@ def main() -> None:
     corpus = out / "corpus"
     if not (corpus / "ann" / "test.json").is_file():
         run([sys.executable, "-m", "scripts.make_demo_corpus", "--num-dialogues", str(args.num_dialogues),
-             "--tasks", "1", "--out", str(corpus), "--plain-audio", *(["--plain-answers"] if args.plain_answers else [])])
+             "--tasks", "1", "--out", str(corpus), "--plain-audio",
+             *(["--plain-answers"] if args.plain_answers else [])])
     ann = corpus / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")
     check_held_out(train + dialogues(ann / "valid.json"), test)
@@ -339,7 +343,9 @@ def finished_training_seconds(run_dir: Path) -> float | None:
     done = [line for line in lines if " INFO salmonn.train: done: " in line]
     if not done:
         return None
-    stamp = lambda line: time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    def stamp(line: str) -> float:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+
     return stamp(done[-1]) - stamp(lines[0])
 
 
