@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models import MODEL_DEFAULTS, llm_path_of, model_settings
+from models import MODEL_DEFAULTS, model_settings
 
 
 class ConfigError(ValueError):
@@ -349,10 +349,7 @@ def section_defaults(section: str, given: Any = None) -> dict[str, Any]:
     """A section's defaults with the keys of `given` (a mapping, possibly partial) on top: for code that takes one
     section without going through load_config (tests, library callers)."""
     if section == "model":
-        try:
-            return model_settings(given)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        return with_llm_path({} if given is None else dict(given))
     given = {} if given is None else dict(given)
     unknown = sorted(set(given) - set(SCHEMA[section]))
     if unknown:
@@ -362,16 +359,16 @@ def section_defaults(section: str, given: Any = None) -> dict[str, Any]:
 
 
 def with_llm_path(model: dict[str, Any], required: bool = False) -> dict[str, Any]:
-    """The model section with `llm_path` taken from `llama_path` (the original's name for it) when only that is
-    given: the code reads llm_path alone."""
+    """The model section as the model takes it (models.model_settings: defaults filled, `llm_path` read from
+    `llama_path`, the original's name for it), its mistakes as ConfigError."""
     try:
-        llm = llm_path_of(model)
+        model = model_settings(model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if required and not llm:
+    if required and not model["llm_path"]:
         raise ConfigError("required config key `model.llm_path` is missing (the LLM folder; `model.llama_path` in "
                           "the original's configs)")
-    return {**model, "llm_path": llm, "llama_path": ""}
+    return model
 
 
 def with_prefix(datasets: dict[str, Any]) -> dict[str, Any]:

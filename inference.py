@@ -10,8 +10,8 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import re
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator

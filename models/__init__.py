@@ -50,22 +50,17 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def llm_path_of(model: Mapping[str, Any]) -> str:
-    """`llm_path`, or `llama_path` (the original's name for it) when only that is given; ValueError when the two
-    name different folders."""
-    llm, llama = model.get("llm_path") or "", model.get("llama_path") or ""
-    if llm and llama and llm != llama:
-        raise ValueError(f"model.llm_path ({llm!r}) and model.llama_path, its original name ({llama!r}), name "
-                         "different folders: give one of them")
-    return llm or llama
-
-
 def model_settings(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `model:` section SALMONN takes: MODEL_DEFAULTS under the keys given, with `llm_path` read from
-    `llama_path` when only that is given (the code reads llm_path alone). ValueError for an unknown key."""
+    `llama_path` when only that is given (the code reads llm_path alone). ValueError for an unknown key or
+    two different LLM folders."""
     given = {} if given is None else dict(given)
     unknown = sorted(set(given) - set(MODEL_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown model key(s): {', '.join(unknown)}")
     filled = {**MODEL_DEFAULTS, **given}
-    return {**filled, "llm_path": llm_path_of(filled), "llama_path": ""}
+    llm, llama = filled["llm_path"] or "", filled["llama_path"] or ""
+    if llm and llama and llm != llama:
+        raise ValueError(f"model.llm_path ({llm!r}) and model.llama_path, its original name ({llama!r}), name "
+                         "different folders: give one of them")
+    return {**filled, "llm_path": llm or llama, "llama_path": ""}
