@@ -31,11 +31,11 @@ and with --submission-dir DIR the package the challenge takes (humdial/submissio
     DIR/<lang>/HD-Track1-T3/<id>_<turn>_response.wav         Task 3 replies spoken by submission.tts_command
 
 Metrics per (task, language), all in % (metrics.py; humdial/scoring.py adds the challenge's): `asr*` tasks get
-WER (English) or CER (Chinese); every other
-task gets BLEU and ROUGE-L; captioning also CIDEr-D, METEOR, SPICE and SPIDEr (each one that cannot run here is
-listed as unavailable, with the reason); emotion_recognition, speaker_verification and closed-form QA accuracy;
-`emotional_trajectory` also gets emotion_exact and emotion_turn_acc. The same files
-come out of `train.py` with `run.evaluate: true` (both write through inference.write_decode_outputs).
+WER (English) or CER (Chinese); every other task gets BLEU and ROUGE-L; captioning also CIDEr-D, METEOR, SPICE
+and SPIDEr (each one that cannot run here is listed as unavailable, with the reason); emotion_recognition,
+speaker_verification and closed-form QA accuracy; `emotional_trajectory` also gets emotion_exact and
+emotion_turn_acc. The same files come out of `train.py` with `run.evaluate: true` (both write through
+inference.write_decode_outputs).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ OpenAI-compatible chat-completions endpoint (the challenge serves Qwen3-Omni-30B
 The judge sees the conversation with the gold emotion tag of every user turn, the earlier assistant replies, the
 final user turn and the answer under evaluation (prompts/judge_prompts.json), and scores each dimension of the task
 (the task table's judge columns, humdial.tasks). Replies are parsed leniently (JSON, JSON in prose or code
-fences, `Name: 5` lines) and mapped onto the
-official scale; a dimension that cannot be read scores the minimum and is counted, never dropped. Every reply is
-appended to a JSONL cache as it arrives, so an interrupted run resumes without asking again.
+fences, `Name: 5` lines) and mapped onto the official scale; a dimension that cannot be read scores the minimum
+and is counted, never dropped. Every reply is appended to a JSONL cache as it arrives, so an interrupted run
+resumes without asking again.
 
 The records are those of inference.decode (predictions.jsonl); their transcripts come from the annotation file,
 joined by (id, task).
