@@ -13,14 +13,17 @@ Steps (each one a plain command of this repo, printed as it runs; the two LLMs r
    carries. Stage 1's ASR clips: the training sentences in five voices per language, 24 per language in the held-out
    sixth voice for validation. The fine-tune's HumDial Task 1 corpus: 400 dialogues (2-4 such statements, each
    labelled with the emotion it names, then the neutral closing question; `convert.py` writes the annotations),
-   the 80 test dialogues in the held-out voice, each with a held-out sentence.
+   the 80 test dialogues in the held-out voice, each with a held-out sentence. Answers in their plain form.
 2. Text warm-up of each tiny LLM: the tiny LLMs were never pretrained, so each first learns its tasks from text,
    the transcript written where the speech will go (ASR: copy it; emotion recognition: the emotion it names; the
    trajectory: the emotions of the turns' transcripts, in order), as a pretrained LLM would answer from a
-   transcript. Written to <out>/llm_<name>/; the same LLM serves every start below.
+   transcript; every pair drawn afresh from the training sentences. Written to <out>/llm_<name>/; the same LLM
+   serves every start below. Its "text ceiling" (the test dialogues as text) is what a perfectly aligned
+   connector could hand the fine-tune.
 3. Stage 1: `train.py` on the ASR clips with `model.lora: false` (the Q-Former and projection learn, the LLM is
    frozen), validating every `--stage1-steps / 8` steps on the held-out voice with the alignment check (each
    clip decoded with its audio and silenced): WER (en) and CER (zh) over the steps.
+   The stage-1 model as it is (no fine-tune) is decoded on the test dialogues too: what alignment alone gives.
 4. The fine-tune, three ways with the same data, steps, seed and learning rate: from the stage-1 connector
    (`model.ckpt`: its LoRA starts fresh), from a fresh connector, and from the stage-1 connector with every clip
    silenced. Every `--finetune-steps / 6` steps it logs the teacher-forced loss and token accuracy of the test
@@ -63,6 +66,8 @@ STAGE1_DECODE = ["generate.num_beams=1", "generate.max_new_tokens=24"]  # the se
 STAGE1_VALID_PER_LANGUAGE = 24  # clips of the held-out voice decoded (with audio and silenced) per validation
 STAGE1_VALIDATIONS = 8
 FINETUNE_VALIDATIONS = 6
+WARMUP_BATCH = 32  # text pairs per warm-up step
+WARMUP_LR = 3e-3
 
 
 # ---------------------------------------------------------------------------------------------- corpora
@@ -126,7 +131,8 @@ def asr_corpus(out: Path, seed: int, valid_per_language: int) -> tuple[Path, Pat
 def build_dialogues(out: Path, num_dialogues: int, num_test: int, seed: int) -> None:
     """HumDial Task 1 dialogues in the release's JSONL (then `convert.py`, as scripts/make_demo_corpus.py does):
     2-4 statements, each one of the sentences above and labelled with the emotion it names, then the closing
-    question (neutral); the answer is the trajectory in varied words (tools.demo_answers.trajectory_summary).
+    question (neutral); the answer is the trajectory in its plain form (tools.demo_answers.trajectory_summary
+    without rng: one word per emotion), so that the answer's only uncertain words are the emotions.
     Training dialogues: training sentences, the five training voices; test dialogues: the held-out voice, each with
     at least one held-out sentence."""
     rng = random.Random(seed)
@@ -143,7 +149,7 @@ def build_dialogues(out: Path, num_dialogues: int, num_test: int, seed: int) -> 
         if split == "test":
             statements[rng.randrange(len(statements))] = rng.choice(sentences["held_out"])
         turns = statements + [(rng.choice(QUESTIONS[language]), "neutral")]
-        answer = trajectory_summary([emotion for _, emotion in turns], language, rng)
+        answer = trajectory_summary([emotion for _, emotion in turns], language)  # the plain form
         replies = rng.sample(REPLIES[language], len(turns))
         record_turns = []
         for n, ((sentence, emotion), reply) in enumerate(zip(turns, replies), start=1):
@@ -172,7 +178,8 @@ def trajectory_corpus(out: Path, num_dialogues: int, num_test: int) -> tuple[Pat
     ann = out / "ann"
     train, test = dialogues(ann / "train.json"), dialogues(ann / "test.json")
     check_held_out(train + dialogues(ann / "valid.json"), test)
-    mixed = write_annotation(ann / "train_mixed.json", train + sub_dialogues(train) + turn_samples(train))
+    mixed = write_annotation(ann / "train_mixed.json",
+                             train + sub_dialogues(train, plain_answers=True) + turn_samples(train))
     return mixed, ann / "test.json", train, test
 
 
@@ -208,30 +215,44 @@ def text_ceiling(llm: Path, test: list[dict]) -> dict[str, float]:
             "language_match": language_match(answers, [e["language"] for e in test])}
 
 
-def text_pairs(asr_train: Path, dialogs: list[dict], chat_template: bool) -> list[tuple[list[dict[str, str]], str]]:
-    """(conversation, answer) pairs of text, each prompt as the model will see it with the transcript written
-    where the speech will go: the LLM learns its tasks in text (ASR: copy the slot; emotion recognition: the
-    emotion the slot's sentence names; the trajectory: the emotions of the turns' sentences, in order), as a
-    pretrained LLM would answer them from a transcript. Stage 1's job is then to make speech read like text."""
+def text_pairs(asr_train: Path, chat_template: bool, count: int,
+               seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
+    """`count` (conversation, answer) pairs of text, each drawn afresh (text costs nothing to make, so the warm-up
+    never sees a pair twice) and each prompt as the model will see it, the transcript written where the speech
+    will go: the LLM learns its tasks in text, as a pretrained LLM would answer them from a transcript, and stage
+    1's job is then to make speech read like text. One in five pairs is ASR (copy the slot: a stage-1 clip's
+    sentence), one in five emotion recognition (the emotion a training sentence names), the rest trajectories of
+    2-4 training sentences (seven in ten closed by the neutral question, as the dialogues are) with the plain
+    answer. Only training sentences: the held-out pairs stay for the test dialogues."""
     prompts = load_prompts(str(ROOT / "prompts/train_prompt.json"))
-    rng = random.Random(0)
-
-    def asked(task: str, language: str, answer: str, slots: list[str]) -> tuple[list[dict[str, str]], str]:
-        return text_conversation(prompts, task, language, slots, chat_template, rng), answer
-
-    pairs = [asked("asr", e["language"], e["text"], [e["text"]])
-             for e in json.loads(asr_train.read_text())["annotation"]]
-    everything = dialogs + sub_dialogues(dialogs)
-    pairs += [asked(e["task"], e["language"], e["text"], [t["transcript"] for t in e["turns"]]) for e in everything]
-    pairs += [asked("emotion_recognition", e["language"], LABEL_WORDS[e["language"]][t["emotion"]],
-                    [t["transcript"]]) for e in dialogs for t in e["turns"]]
+    clips = json.loads(asr_train.read_text())["annotation"]
+    sentences = {language: emotion_sentences(language)["train"] for language in ("en", "zh")}
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        language, kind = rng.choice(("en", "zh")), rng.random()
+        if kind < 0.2:
+            clip = rng.choice(clips)
+            task, turns, answer = "asr", [clip["text"]], clip["text"]
+            language = clip["language"]
+        elif kind < 0.4:
+            sentence, emotion = rng.choice(sentences[language])
+            task, turns, answer = "emotion_recognition", [sentence], LABEL_WORDS[language][emotion]
+        else:
+            said = rng.sample(sentences[language], rng.choice([2, 3, 4]))
+            if rng.random() < 0.7:
+                said.append((rng.choice(QUESTIONS[language]), "neutral"))
+            task, turns = "emotional_trajectory", [sentence for sentence, _ in said]
+            answer = trajectory_summary([emotion for _, emotion in said], language)
+        pairs.append((text_conversation(prompts, task, language, turns, chat_template, rng), answer))
     return pairs
 
 
 def warm_up_llm(source: Path, target: Path, pairs: list[tuple[list[dict[str, str]], str]], steps: int,
                 seed: int = 0, threads: int = 0) -> Path:
-    """The LLM folder with its weights trained `steps` steps on the text pairs (next-token loss on the answers),
-    saved with the source's tokenizer files at `target`. `threads`: torch's threads (0: as it is)."""
+    """The LLM folder with its weights trained `steps` steps of WARMUP_BATCH text pairs, taken in order (and
+    again from the first when they run out), next-token loss on the answers; saved with the source's tokenizer
+    files at `target`. `threads`: torch's threads (0: as it is)."""
     if (target / "model.safetensors").is_file():
         return target
     if threads:
@@ -243,11 +264,11 @@ def warm_up_llm(source: Path, target: Path, pairs: list[tuple[list[dict[str, str
         prompt, _ = text.prompt_ids(text.render(messages))
         rows.append((prompt, text.target_ids(answer)[0]))
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
-    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # 30 steps up, then linearly down to 0
+        optimizer, lambda step: min(1.0, (step + 1) / 30) * (1.0 - step / steps))
     for step in range(steps):
-        batch = rng.sample(rows, min(32, len(rows)))
+        batch = [rows[(step * WARMUP_BATCH + b) % len(rows)] for b in range(WARMUP_BATCH)]
         length = max(len(p) + len(t) for p, t in batch)
         ids = torch.full((len(batch), length), text.pad_id)
         mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -271,12 +292,13 @@ def warm_up_llm(source: Path, target: Path, pairs: list[tuple[list[dict[str, str
     return target
 
 
-def warm_up_all(names: list[str], out: Path, dialogs: list[dict], asr_train: Path, steps: int) -> dict[str, Path]:
+def warm_up_all(names: list[str], out: Path, asr_train: Path, steps: int) -> dict[str, Path]:
     """`warm_up_llm` for each LLM, side by side in processes of their own (the cores split between them)."""
     threads = max(1, (os.cpu_count() or 1) // len(names))
     with ProcessPoolExecutor(len(names), mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = {name: pool.submit(warm_up_llm, LLMS[name], out / f"llm_{name}",
-                                  text_pairs(asr_train, dialogs, ChatText(LLMS[name]).uses_chat_template), steps,
+                                  text_pairs(asr_train, ChatText(LLMS[name]).uses_chat_template,
+                                             steps * WARMUP_BATCH), steps,
                                   threads=threads)
                 for name in names}
         return {name: job.result() for name, job in jobs.items()}
@@ -373,7 +395,7 @@ def cell(values: list[float]) -> str:
 
 
 def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], seconds: float, n_test: int,
-           ceiling: dict[str, dict[str, float]]) -> str:
+           before: dict[tuple[str, str], dict[str, float]]) -> str:
     lines = ["Stage 1 (connector only, ASR), held-out voice, last validation:", "",
              "| LLM | step | en WER audio | en WER silenced | zh CER audio | zh CER silenced |",
              "|---|---|---|---|---|---|"]
@@ -391,10 +413,12 @@ def report(curves: dict, finetunes: dict, ft_curves: dict, seeds: list[int], sec
         lines.append(f"| {llm} | {start} | {mean([c['loss'] for c in last]):.3f} | {cell([c['acc'] for c in last])} | "
                      + " | ".join(cell([r[key] for r in rows]) for key in
                                   ("turn_accuracy", "exact_match", "language_match", "zh_language_match")) + " |")
-    lines += ["", "The warm-up LLM alone, the test dialogues as text (transcripts in the speech slots):", "",
-              "| LLM | per turn % | exact % | language match % |", "|---|---|---|---|"]
-    lines += [f"| {llm} | {c['turn_accuracy']:.1f} | {c['exact_match']:.1f} | {c['language_match']:.1f} |"
-              for llm, c in ceiling.items()]
+    inputs = {"text": "text: the warm-up LLM, transcripts in the speech slots (the text ceiling)",
+              "audio": "audio: the stage-1 model as it is, no fine-tune"}
+    lines += ["", "Before the fine-tune, the test dialogues:", "",
+              "| LLM | input | per turn % | exact % | language match % |", "|---|---|---|---|---|"]
+    lines += [f"| {llm} | {inputs[kind]} | {c['turn_accuracy']:.1f} | {c['exact_match']:.1f} | "
+              f"{c['language_match']:.1f} |" for (llm, kind), c in sorted(before.items())]
     lines += ["", "Held-out loss over the fine-tune steps (mean over seeds):", "",
               "| LLM | start | " + " | ".join(f"step {c['step']}" for c in next(iter(ft_curves.values()))) + " |",
               "|---|---|" + "---|" * len(next(iter(ft_curves.values())))]
@@ -412,18 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llms", nargs="+", choices=list(LLMS), default=list(LLMS))
     ap.add_argument("--num-dialogues", type=int, default=400, help="Task 1 dialogues of the fine-tune corpus")
     ap.add_argument("--num-test", type=int, default=80, help="of which held-out test dialogues")
-    ap.add_argument("--warmup-steps", type=int, default=300, help="text warm-up steps of each tiny LLM")
+    ap.add_argument("--warmup-steps", type=int, default=600, help="text warm-up steps of each tiny LLM")
     ap.add_argument("--stage1-steps", type=int, default=800)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=400)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="run.seed of each fine-tune")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="run.seed of each fine-tune")
     args = ap.parse_args(argv)
     started = time.time()
     out = ROOT / args.out
     asr = asr_corpus(out / "asr", seed=0, valid_per_language=STAGE1_VALID_PER_LANGUAGE)
     train_ann, test_ann, train, test = trajectory_corpus(out / "trajectory", args.num_dialogues, args.num_test)
     print(f"corpora ready ({(time.time() - started) / 60:.1f} min)", flush=True)
-    llms = warm_up_all(args.llms, out, train, asr[0], args.warmup_steps)
+    llms = warm_up_all(args.llms, out, asr[0], args.warmup_steps)
     print(f"text warm-up done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
     stage1 = {name: out / f"stage1_{name}" for name in llms}
@@ -445,18 +469,24 @@ def main(argv: list[str] | None = None) -> int:
                          str(run_dir / "eval"), "--options", f"model.llm_path={llms[key[0]]}",
                          f"model.ckpt={finished(run_dir, args.finetune_steps)}", *DECODE]
                    for key, run_dir in runs.items() if not (run_dir / "eval/predictions.jsonl").is_file()}
-    run_in_rounds(evaluations, {key: runs[key] / "eval.log" for key in evaluations}, 2)
+    evaluations.update({name: [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(test_ann),
+                               "--out-dir", str(stage1[name] / "eval"), "--options", f"model.llm_path={llms[name]}",
+                               "model.lora=false", f"model.ckpt={finished(stage1[name], args.stage1_steps)}", *DECODE]
+                        for name in llms if not (stage1[name] / "eval/predictions.jsonl").is_file()})
+    logs = {key: (runs[key] / "eval.log" if key in runs else stage1[key] / "eval.log") for key in evaluations}
+    run_in_rounds(evaluations, logs, 2)
 
     curves = {name: stage1_curve(stage1[name]) for name in llms}
     ft_curves = {key: finetune_curve(run_dir) for key, run_dir in runs.items()}
     finetunes = {key: {**score(run_dir / "eval/predictions.jsonl", test),
                        "zh_language_match": zh_language_match(run_dir / "eval/predictions.jsonl")}
                  for key, run_dir in runs.items()}
-    ceiling = {name: text_ceiling(llms[name], test) for name in llms}
-    text = report(curves, finetunes, ft_curves, args.seeds, time.time() - started, len(test), ceiling)
+    before = {(name, "text"): text_ceiling(llms[name], test) for name in llms}
+    before.update({(name, "audio"): score(stage1[name] / "eval/predictions.jsonl", test) for name in llms})
+    text = report(curves, finetunes, ft_curves, args.seeds, time.time() - started, len(test), before)
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
     (out / "report.json").write_text(json.dumps(
-        {"stage1": curves, "text_ceiling": ceiling,
+        {"stage1": curves, "before_finetune": {f"{k[0]} / {k[1]}": v for k, v in before.items()},
          "finetune": {f"{k[0]} / {k[1]} / seed {k[2]}": {**v, "curve": ft_curves[k]}
                                         for k, v in finetunes.items()},
          "args": vars(args), "minutes": (time.time() - started) / 60}, indent=1, ensure_ascii=False))
