@@ -8,12 +8,13 @@ an unaligned connector and with the audio silenced (docs/alignment_experiment.md
 Steps (each one a plain command of this repo, printed as it runs; the two LLMs run side by side):
 1. Corpora, made here with espeak-ng. Every sentence names how the speaker feels: one of six frames ("I feel {}
    today.", "这个消息让我很{}。") with one of three answer words per emotion (tools.demo_answers); one frame-word
-   pair in about twelve is held out (only in test dialogues). Each clip's prosody is that of an emotion drawn
-   independently of the sentence, so the spoken words are the only emotion cue: what an ASR-aligned connector
-   carries. Stage 1's ASR clips: the training sentences in five voices per language, 24 per language in the held-out
-   sixth voice for validation. The fine-tune's HumDial Task 1 corpus: 400 dialogues (2-4 such statements, each
-   labelled with the emotion it names, then the neutral closing question; `convert.py` writes the annotations),
-   the 80 test dialogues in the held-out voice, each with a held-out sentence. Answers in their plain form.
+   pair in about twelve is held out (only in test dialogues). Each clip is spoken in the prosody of the emotion it
+   names (make_demo_corpus's pitch, range, rate and volume per emotion), as words and voice agree in emotional
+   speech: to get the emotion word right, stage 1's ASR must hear the voice. Stage 1's ASR clips: the training
+   sentences in five voices per language, 24 per language in the held-out sixth voice for validation. The
+   fine-tune's HumDial Task 1 corpus: 400 dialogues (2-4 such statements, each labelled with the emotion it names,
+   then the neutral closing question; `convert.py` writes the annotations), the 80 test dialogues in the held-out
+   voice, each with a held-out sentence. Answers in their plain form.
 2. Text warm-up of each tiny LLM: the tiny LLMs were never pretrained, so each first learns its tasks from text,
    the transcript written where the speech will go (ASR: copy it; emotion recognition: the emotion it names; the
    trajectory: the emotions of the turns' transcripts, in order), as a pretrained LLM would answer from a
@@ -72,9 +73,10 @@ WARMUP_LR = 3e-3
 
 # ---------------------------------------------------------------------------------------------- corpora
 # The sentences of both corpora say how the speaker feels: a frame with one emotion word in it (the answer words
-# of tools.demo_answers). Each clip's prosody is that of an emotion drawn independently of the sentence, so the
-# spoken words are the only emotion cue: what a connector aligned by ASR carries, and what a connector must learn
-# to carry in the fine-tune when it starts unaligned.
+# of tools.demo_answers), spoken in that emotion's prosody. The tiny random-init encoders cannot tell 21 words
+# apart by their sounds within the steps here (with the prosody drawn independently of the words, stage 1 learned
+# the frames and named the emotion at chance, docs/alignment_experiment.md), but they hear the voice: ASR then
+# teaches the connector to carry the emotion as the word an LLM reads, what the fine-tune needs.
 FRAMES = {
     "en": ["I feel {} today.", "This news makes me {}.", "Honestly, I am {} right now.",
            "My friends say I look {}.", "I was so {} after the call.", "The whole trip left me {}."],
@@ -111,11 +113,11 @@ def asr_corpus(out: Path, seed: int, valid_per_language: int) -> tuple[Path, Pat
     for language in ("en", "zh"):
         sentences = emotion_sentences(language)["train"]
         valid = set(rng.sample(range(len(sentences)), valid_per_language))
-        for s, (sentence, _) in enumerate(sentences):
+        for s, (sentence, emotion) in enumerate(sentences):
             for v, speaker in enumerate(speakers[language]):
                 if v == HELD_OUT_VOICE and s not in valid:
                     continue
-                voice = turn_voice(speaker, rng.choice(EMOTIONS), language, rng)
+                voice = turn_voice(speaker, emotion, language, rng)
                 name = f"{language}_{s:03d}_v{v}.wav"
                 jobs.append((out / "audio" / name, sentence, voice))
                 split = "valid" if v == HELD_OUT_VOICE else "train"
@@ -154,7 +156,7 @@ def build_dialogues(out: Path, num_dialogues: int, num_test: int, seed: int) -> 
         record_turns = []
         for n, ((sentence, emotion), reply) in enumerate(zip(turns, replies), start=1):
             relative = f"audio/{dialogue_id}_{n}.wav"
-            voice = turn_voice(speakers[language][speaker_index], rng.choice(EMOTIONS), language, rng)
+            voice = turn_voice(speakers[language][speaker_index], emotion, language, rng)
             jobs.append((out / relative, sentence, voice))
             record_turns.append({"turn_id": n, "text": sentence, "emotion": emotion, "split_audio_file": relative,
                                  "response_text": answer if n == len(turns) else reply})
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-dialogues", type=int, default=400, help="Task 1 dialogues of the fine-tune corpus")
     ap.add_argument("--num-test", type=int, default=80, help="of which held-out test dialogues")
     ap.add_argument("--warmup-steps", type=int, default=600, help="text warm-up steps of each tiny LLM")
-    ap.add_argument("--stage1-steps", type=int, default=800)
+    ap.add_argument("--stage1-steps", type=int, default=1600)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="run.seed of each fine-tune")

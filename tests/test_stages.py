@@ -19,7 +19,7 @@ from models.salmonn import SALMONN
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = ["stage1_qwen2.5_7b", "stage2_qwen2.5_7b", "finetune_humdial_qwen2.5_7b", "stage1_vicuna13b",
-                 "stage2_vicuna13b"]
+                 "stage2_vicuna13b", "activation_tuning_qwen2.5_7b"]
 STEPS = dict(iters_per_epoch=2, optims__max_epoch=1, optims__warmup_steps=0, optims__init_lr=1e-2)
 
 
@@ -134,3 +134,53 @@ def test_text_warm_up_writes_an_llm_folder_that_loads_strictly_and_learned(llm, 
         after = answer_loss(load_llm(folder, cfg, torch.float32))  # strict: no missing or unexpected tensor
     assert after < 0.5 * before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in LLMS[llm].iterdir())
+
+
+def test_activation_tuning_samples_train_the_tiny_model_with_the_recipes_run_settings(tmp_path):
+    """The few-shot activation-tuning recipe: its handful of long answers in both languages is read whole (no
+    sample refused or cut at max_txt_len) and moves the LoRA in the recipe's steps and learning rate."""
+    recipe = load_config(str(ROOT / "configs/activation_tuning_qwen2.5_7b.yaml"), required_sections=("model",))
+    samples = json.loads((ROOT / recipe.datasets.train_ann_path).read_text(encoding="utf-8"))["annotation"]
+    assert {e["language"] for e in samples} == {"en", "zh"} and all(e["Q"] and e["task"] == "QA" for e in samples)
+    assert all(len(e["text"]) >= (100 if e["language"] == "zh" else 250) for e in samples)  # long, open answers
+    out = tmp_path / "run"
+    steps, batch = recipe.run.iters_per_epoch, recipe.run.batch_size_train
+    assert train.main(["--cfg-path", str(ROOT / "configs/demo_qwen.yaml"), "--options",
+                       f"datasets.train_ann_path={ROOT / recipe.datasets.train_ann_path}", "datasets.valid_ann_path=''",
+                       "datasets.test_ann_path=''", f"model.max_txt_len={recipe.model.max_txt_len}",
+                       f"run.output_dir={out}", "run.epoch_based=false", f"run.iters_per_epoch={steps}",
+                       f"run.batch_size_train={batch}", "run.num_workers=0", "run.optims.max_epoch=1",
+                       *(f"run.optims.{k}={recipe.run.optims[k]}" for k in ("warmup_steps", "init_lr", "min_lr"))]) == 0
+    trained = load(out / f"checkpoint_step{steps}.pth")["model"]
+    assert steps * batch >= 2 * len(samples)  # every sample seen at least twice
+    assert any(".lora_B." in k and v.any() for k, v in trained.items())  # peft starts B at zero
+
+
+def test_text_warm_up_pairs_hold_back_the_test_sentences_and_answer_plainly(tmp_path):
+    """The warm-up's text pairs are drawn from the training sentences only (the text ceiling is then measured on
+    sentences it never saw), cover the three tasks, and answer each trajectory in its plain form."""
+    from scripts.alignment_experiment import emotion_sentences, text_pairs
+    from tools.demo_answers import trajectory_summary
+
+    split = {language: emotion_sentences(language) for language in ("en", "zh")}
+    held_out = {s for parts in split.values() for s, _ in parts["held_out"]}
+    emotion_of = {s: e for parts in split.values() for s, e in parts["train"]}
+    language_of = {s: language for language, parts in split.items() for s, _ in parts["train"]}
+    assert held_out and not held_out & set(emotion_of)
+    asr = tmp_path / "asr.json"
+    asr.write_text(json.dumps({"annotation": [{"text": s, "language": "en"} for s in list(emotion_of)[:5]]}))
+    pairs = text_pairs(asr, chat_template=False, count=300)
+    assert len(pairs) == 300
+    tasks = {"asr": 0, "emotion_recognition": 0, "emotional_trajectory": 0}
+    for messages, answer in pairs:
+        said = [part.split("</Speech>")[0] for m in messages for part in m["content"].split("<Speech>")[1:]]
+        assert not held_out & set(said)
+        if len(said) == 1 and answer == said[0]:
+            tasks["asr"] += 1
+        elif len(said) == 1:
+            tasks["emotion_recognition"] += 1
+        else:
+            tasks["emotional_trajectory"] += 1
+            emotions = [emotion_of.get(s, "neutral") for s in said]  # the closing question is neutral
+            assert answer == trajectory_summary(emotions, language_of[said[0]])
+    assert all(count >= 30 for count in tasks.values()), tasks
