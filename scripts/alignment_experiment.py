@@ -467,16 +467,17 @@ def main(argv: list[str] | None = None) -> int:
                 for key, run_dir in runs.items() if finished(run_dir, args.finetune_steps) is None}
     run_in_rounds(commands, {key: runs[key] / "console.log" for key in commands}, 2)  # two side by side
     print(f"fine-tunes done ({(time.time() - started) / 60:.1f} min)", flush=True)
+    # each fine-tune's last step, and each stage-1 model as it is (its checkpoint has no LoRA)
+    decoded = {key: (run_dir, llms[key[0]], finished(run_dir, args.finetune_steps), [])
+               for key, run_dir in runs.items()}
+    decoded |= {name: (stage1[name], llms[name], finished(stage1[name], args.stage1_steps), ["model.lora=false"])
+                for name in llms}
     evaluations = {key: [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(test_ann), "--out-dir",
-                         str(run_dir / "eval"), "--options", f"model.llm_path={llms[key[0]]}",
-                         f"model.ckpt={finished(run_dir, args.finetune_steps)}", *DECODE]
-                   for key, run_dir in runs.items() if not (run_dir / "eval/predictions.jsonl").is_file()}
-    evaluations.update({name: [sys.executable, "evaluate.py", "--cfg-path", CONFIG, "--ann", str(test_ann),
-                               "--out-dir", str(stage1[name] / "eval"), "--options", f"model.llm_path={llms[name]}",
-                               "model.lora=false", f"model.ckpt={finished(stage1[name], args.stage1_steps)}", *DECODE]
-                        for name in llms if not (stage1[name] / "eval/predictions.jsonl").is_file()})
-    logs = {key: (runs[key] / "eval.log" if key in runs else stage1[key] / "eval.log") for key in evaluations}
-    run_in_rounds(evaluations, logs, 2)
+                         str(run_dir / "eval"), "--options", f"model.llm_path={llm}", f"model.ckpt={ckpt}", *extra,
+                         *DECODE]
+                   for key, (run_dir, llm, ckpt, extra) in decoded.items()
+                   if not (run_dir / "eval/predictions.jsonl").is_file()}
+    run_in_rounds(evaluations, {key: decoded[key][0] / "eval.log" for key in evaluations}, 2)
 
     curves = {name: stage1_curve(stage1[name]) for name in llms}
     ft_curves = {key: finetune_curve(run_dir) for key, run_dir in runs.items()}
